@@ -1,0 +1,434 @@
+"""The local cluster's API server: Kubernetes REST semantics over `Store`, served with aiohttp.
+
+Paths, verbs, query parameters, watch framing and `Status` errors follow the Kubernetes API so that
+`ambient.kube.client` (and kubectl) talk to it as to a real cluster. Objects of kinds it does not know
+(Istio and Gateway API custom resources) are stored as given. It does not run controllers: those are
+clients of this server (`ambient.local.controllers`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ambient.kube.errors import ApiError, not_found
+from ambient.kube.merge import merge_patch
+from ambient.kube.resources import EXTRA_VERSIONS, ResourceTable, ResourceType
+from ambient.kube.selectors import (
+    SelectorError,
+    fields_match,
+    labels_match,
+    parse_field_selector,
+    parse_label_selector,
+)
+from ambient.local import admission
+from ambient.local.store import Event, Key, Obj, Store, Watcher
+
+log = logging.getLogger("ambient.apiserver")
+
+BOOKMARK_INTERVAL = 10.0  # seconds between BOOKMARK events on idle watches that asked for them
+DEFAULT_WATCH_TIMEOUT = 1800  # Kubernetes picks 30–60 min when the client does not say
+JSON = "application/json"
+MERGE_PATCH_TYPES = {"application/merge-patch+json", "application/strategic-merge-patch+json"}
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ApiServer:
+    def __init__(self, state_dir: Path | None, token: str | None = None) -> None:
+        self.store = Store(state_dir / "apiserver" if state_dir else None)
+        self.types = ResourceTable()
+        self.token = token
+        self.ips = admission.ServiceIPs(
+            obj.get("spec", {}).get("clusterIP", "") for obj in self.store.items("", "services"))
+        self._runner: web.AppRunner | None = None
+        for crd in self.store.items("apiextensions.k8s.io", "customresourcedefinitions"):
+            self._register_crd(crd)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=8 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        return app
+
+    async def start(self, hosts: list[str], port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        for host in hosts:
+            await web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_address=True).start()
+
+    async def close(self) -> None:
+        self.store.close_watchers()
+        if self._runner:
+            await self._runner.cleanup()
+
+    # -- HTTP plumbing ---------------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if self.token and request.path not in ("/healthz", "/readyz", "/livez") and \
+                request.headers.get("Authorization") != f"Bearer {self.token}":
+            return _status_response(ApiError(401, "Unauthorized"))
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _status_response(exc)
+        except SelectorError as exc:
+            return _status_response(ApiError(400, str(exc)))
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        parts = [p for p in request.path.split("/") if p]
+        if request.path in ("/healthz", "/readyz", "/livez"):
+            return web.Response(text="ok")
+        if parts == ["version"]:
+            return web.json_response({"major": "1", "minor": "30", "gitVersion": "v1.30.0-ambient-local",
+                                      "platform": "linux/amd64"})
+        if parts == ["api"]:
+            return web.json_response({"kind": "APIVersions", "versions": ["v1"]})
+        if parts == ["apis"]:
+            return web.json_response(self._group_list())
+        if parts[:1] == ["api"] and len(parts) >= 2:
+            group, version, rest = "", parts[1], parts[2:]
+        elif parts[:1] == ["apis"] and len(parts) >= 3:
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            raise ApiError(404, f"the server could not find the requested resource ({request.path})")
+        if not rest:
+            return web.json_response(self._resource_list(group, version))
+        return await self._resource_request(request, group, version, rest)
+
+    def _parse_target(self, group: str, version: str, rest: list[str]) -> tuple[ResourceType, str, str, str]:
+        """→ (type, namespace, name, subresource) from the path after /api/v1 or /apis/g/v."""
+        namespace = ""
+        if rest[0] == "namespaces" and len(rest) >= 3 and not (group == "" and rest[2] in ("status", "finalize")):
+            namespace, rest = rest[1], rest[2:]
+        plural, name, sub = rest[0], (rest[1] if len(rest) > 1 else ""), (rest[2] if len(rest) > 2 else "")
+        if len(rest) > 3:
+            raise ApiError(404, "the server could not find the requested resource")
+        rt = self.types.by_plural(group, version, plural)
+        if rt is None:
+            # An unknown kind: accept it as a namespaced custom resource; its kind comes from the body.
+            rt = ResourceType(group, version, "", plural)
+        if rt.namespaced is False and namespace:
+            raise ApiError(404, f"the server could not find the requested resource ({plural} is cluster-scoped)")
+        return rt, namespace, name, sub
+
+    async def _resource_request(self, request: web.Request, group: str, version: str,
+                                rest: list[str]) -> web.StreamResponse:
+        rt, namespace, name, sub = self._parse_target(group, version, rest)
+        q = request.query
+        method = request.method
+        if sub and sub != "status":
+            raise ApiError(404, f"the server could not find the requested resource ({sub})")
+        if not name:
+            if method == "GET":
+                if q.get("watch") in ("true", "1"):
+                    return await self._watch(request, rt, namespace)
+                return web.json_response(self._list(rt, namespace, q.get("labelSelector"), q.get("fieldSelector")))
+            if method == "POST":
+                body = await _read_body(request)
+                return web.json_response(self.create(rt, namespace, body), status=201)
+            if method == "DELETE":
+                items = self._list(rt, namespace, q.get("labelSelector"), q.get("fieldSelector"))["items"]
+                for item in items:
+                    self.delete(rt, item["metadata"].get("namespace", ""), item["metadata"]["name"])
+                return web.json_response(self._list(rt, namespace, q.get("labelSelector"), None))
+            raise ApiError(405, f"method {method} not allowed on a collection")
+        if method == "GET":
+            return web.json_response(self._present(rt, self._require(rt, namespace, name)))
+        if method == "PUT":
+            body = await _read_body(request)
+            return web.json_response(self.update(rt, namespace, name, body, status_only=sub == "status"))
+        if method == "PATCH":
+            ctype = request.content_type
+            if ctype not in MERGE_PATCH_TYPES:
+                raise ApiError(415, f"the body of the request was in an unsupported patch type {ctype!r}; "
+                                    "use application/merge-patch+json")
+            patch = await _read_body(request)
+            return web.json_response(self.patch(rt, namespace, name, patch, status_only=sub == "status"))
+        if method == "DELETE":
+            grace = q.get("gracePeriodSeconds")
+            if request.can_read_body:
+                with contextlib.suppress(ApiError):
+                    options = await _read_body(request)
+                    if options.get("gracePeriodSeconds") is not None:
+                        grace = str(options["gracePeriodSeconds"])
+            return web.json_response(self.delete(rt, namespace, name, None if grace is None else int(grace)))
+        raise ApiError(405, f"method {method} not allowed")
+
+    # -- verbs -----------------------------------------------------------------------------------
+    def _key(self, rt: ResourceType, namespace: str, name: str) -> Key:
+        return (rt.group, rt.plural, namespace if rt.namespaced else "", name)
+
+    def _require(self, rt: ResourceType, namespace: str, name: str) -> Obj:
+        obj = self.store.get(self._key(rt, namespace, name))
+        if obj is None:
+            raise not_found(rt.plural, name, rt.group)
+        return obj
+
+    def _present(self, rt: ResourceType, obj: Obj) -> Obj:
+        """The stored object as seen through the requested version."""
+        if obj.get("apiVersion") == rt.api_version:
+            return obj
+        return {**obj, "apiVersion": rt.api_version}
+
+    def _list(self, rt: ResourceType, namespace: str, label_selector: str | None,
+              field_selector: str | None) -> Obj:
+        labels = parse_label_selector(label_selector)
+        fields = parse_field_selector(field_selector)
+        items = [self._present(rt, o) for o in self.store.items(rt.group, rt.plural, namespace)
+                 if labels_match(labels, o["metadata"].get("labels")) and fields_match(fields, o)]
+        kind = rt.kind or (items[0]["kind"] if items else "")
+        return {"kind": f"{kind}List", "apiVersion": rt.api_version,
+                "metadata": {"resourceVersion": str(self.store.rv)}, "items": items}
+
+    def create(self, rt: ResourceType, namespace: str, body: Obj) -> Obj:
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise ApiError(400, "metadata must be an object")
+        kind = rt.kind or str(obj.get("kind") or "")
+        if not kind:
+            raise ApiError(400, "Object 'Kind' is missing in the request body")
+        if rt.kind and obj.get("kind") not in (None, rt.kind):
+            raise ApiError(400, f"the kind {obj.get('kind')!r} does not match the resource {rt.plural!r}")
+        if not meta.get("name"):
+            if meta.get("generateName"):
+                meta["name"] = meta["generateName"] + admission.random_suffix()
+            else:
+                raise ApiError(422, f"{kind} is invalid: metadata.name: Required value: name or generateName "
+                                    "is required", details={"kind": kind, "causes": [
+                                        {"reason": "FieldValueRequired", "field": "metadata.name"}]})
+        name = meta["name"]
+        admission.check_name(kind, name)
+        if rt.namespaced:
+            body_ns = meta.get("namespace")
+            if body_ns and namespace and body_ns != namespace:
+                raise ApiError(400, "the namespace of the provided object does not match the namespace sent on "
+                                    "the request")
+            namespace = namespace or body_ns or ""
+            if not namespace:
+                raise ApiError(400, "a namespace is required for namespaced resources")
+            ns_obj = self.store.get(("", "namespaces", "", namespace))
+            if ns_obj is None:
+                raise not_found("namespaces", namespace)
+            if ns_obj["metadata"].get("deletionTimestamp"):
+                raise ApiError(403, f'{kind.lower()}s "{name}" is forbidden: unable to create new content in '
+                                    f"namespace {namespace} because it is being terminated", "Forbidden")
+            meta["namespace"] = namespace
+        else:
+            meta.pop("namespace", None)
+        key = self._key(rt, namespace, name)
+        if self.store.get(key) is not None:
+            raise ApiError(409, f'{rt.plural}{"." + rt.group if rt.group else ""} "{name}" already exists',
+                           "AlreadyExists", {"name": name, "kind": rt.plural})
+        obj["apiVersion"], obj["kind"] = rt.api_version, kind
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = now_rfc3339()
+        meta["generation"] = 1
+        for transient in ("resourceVersion", "deletionTimestamp", "selfLink"):
+            meta.pop(transient, None)
+        admission.default_and_validate(kind, obj, None, self.ips)
+        if not rt.kind:
+            self._learn(rt, kind, bool(namespace))
+        if kind == "CustomResourceDefinition":
+            self._register_crd(obj)
+        return self.store.put(key, obj)
+
+    def update(self, rt: ResourceType, namespace: str, name: str, body: Obj, *, status_only: bool = False) -> Obj:
+        old = self._require(rt, namespace, name)
+        meta = body.get("metadata") or {}
+        if meta.get("name") not in (None, name):
+            raise ApiError(400, f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
+        rv = meta.get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            raise ApiError(409, f'Operation cannot be fulfilled on {rt.plural} "{name}": the object has been '
+                                "modified; please apply your changes to the latest version and try again",
+                           "Conflict", {"name": name, "kind": rt.plural})
+        return self._replace(rt, old, copy.deepcopy(body), status_only=status_only)
+
+    def patch(self, rt: ResourceType, namespace: str, name: str, patch: Obj, *, status_only: bool = False) -> Obj:
+        old = self._require(rt, namespace, name)
+        if not isinstance(patch, dict):
+            raise ApiError(400, "a merge patch must be a JSON object")
+        rv = (patch.get("metadata") or {}).get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            raise ApiError(409, f'Operation cannot be fulfilled on {rt.plural} "{name}": the object has been '
+                                "modified; please apply your changes to the latest version and try again",
+                           "Conflict", {"name": name, "kind": rt.plural})
+        return self._replace(rt, old, merge_patch(old, patch), status_only=status_only)
+
+    def _replace(self, rt: ResourceType, old: Obj, new: Obj, *, status_only: bool) -> Obj:
+        meta = new.setdefault("metadata", {})
+        old_meta = old["metadata"]
+        has_status = rt.has_status or not rt.kind
+        if status_only:
+            new = {**copy.deepcopy(old), "status": new.get("status")}
+            meta = new["metadata"]
+        elif has_status and rt.kind:
+            # With a status subresource, writes to the main resource leave status alone.
+            if "status" in old:
+                new["status"] = copy.deepcopy(old["status"])
+            else:
+                new.pop("status", None)
+        for immutable in ("uid", "creationTimestamp", "namespace", "name", "deletionTimestamp",
+                          "deletionGracePeriodSeconds"):
+            if immutable in old_meta:
+                meta[immutable] = old_meta[immutable]
+            else:
+                meta.pop(immutable, None)
+        new["apiVersion"], new["kind"] = old["apiVersion"], old["kind"]
+        meta["generation"] = old_meta.get("generation", 1) + (
+            0 if status_only or new.get("spec") == old.get("spec") else 1)
+        admission.default_and_validate(old["kind"], new, old, self.ips)
+        key = self._key(rt, old_meta.get("namespace", ""), old_meta["name"])
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not self._held(new):
+            return self.store.remove(key)
+        return self.store.put(key, new)
+
+    def delete(self, rt: ResourceType, namespace: str, name: str, grace: int | None = None) -> Obj:
+        obj = self._require(rt, namespace, name)
+        key = self._key(rt, namespace, name)
+        meta = obj["metadata"]
+        if meta.get("finalizers") or (self._held(obj) and grace != 0):
+            if meta.get("deletionTimestamp"):
+                return obj
+            new = copy.deepcopy(obj)
+            new["metadata"]["deletionTimestamp"] = now_rfc3339()
+            if obj["kind"] == "Pod":
+                new["metadata"]["deletionGracePeriodSeconds"] = (
+                    grace if grace is not None else obj["spec"].get("terminationGracePeriodSeconds", 30))
+            if obj["kind"] == "Namespace":
+                new["status"] = {**new.get("status", {}), "phase": "Terminating"}
+            return self.store.put(key, new)
+        if obj["kind"] == "Service":
+            self.ips.release(obj.get("spec", {}).get("clusterIP"))
+        return self.store.remove(key)
+
+    @staticmethod
+    def _held(obj: Obj) -> bool:
+        """Deleted objects that stay until someone finishes: a bound pod until its kubelet has stopped it
+        (and deletes it with grace 0); a namespace until the namespace controller empties it and clears
+        `spec.finalizers`."""
+        if obj["kind"] == "Pod":
+            return bool(obj.get("spec", {}).get("nodeName"))
+        if obj["kind"] == "Namespace":
+            return bool(obj.get("spec", {}).get("finalizers"))
+        return False
+
+    # -- watch -----------------------------------------------------------------------------------
+    async def _watch(self, request: web.Request, rt: ResourceType, namespace: str) -> web.StreamResponse:
+        q = request.query
+        labels = parse_label_selector(q.get("labelSelector"))
+        fields = parse_field_selector(q.get("fieldSelector"))
+        rv_param = q.get("resourceVersion", "")
+        since = int(rv_param) if rv_param.isdigit() and rv_param != "0" else None
+        if rv_param and not rv_param.isdigit():
+            raise ApiError(400, f"invalid resourceVersion {rv_param!r}")
+        watcher = Watcher(rt.group, rt.plural, namespace,
+                          lambda o: labels_match(labels, o["metadata"].get("labels")) and fields_match(fields, o))
+        self.store.watch(watcher, since)
+        response = web.StreamResponse(headers={"Content-Type": JSON, "Transfer-Encoding": "chunked"})
+        await response.prepare(request)
+        deadline = time.monotonic() + float(q.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT)
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                wait = min(remaining, BOOKMARK_INTERVAL) if bookmarks else remaining
+                try:
+                    event = await asyncio.wait_for(watcher.queue.get(), wait)
+                except TimeoutError:
+                    if bookmarks and time.monotonic() < deadline:
+                        await response.write(_frame("BOOKMARK", {
+                            "kind": rt.kind, "apiVersion": rt.api_version,
+                            "metadata": {"resourceVersion": str(self.store.rv)}}))
+                    continue
+                if event is None:
+                    break
+                await response.write(_frame(event.type, self._present(rt, event.obj)))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.store.unwatch(watcher)
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+    # -- discovery and custom resources ----------------------------------------------------------
+    def _learn(self, rt: ResourceType, kind: str, namespaced: bool) -> None:
+        self.types.add(ResourceType(rt.group, rt.version, kind, rt.plural, namespaced))
+
+    def _register_crd(self, crd: Obj) -> None:
+        spec = crd.get("spec") or {}
+        names = spec.get("names") or {}
+        if not (spec.get("group") and names.get("plural") and names.get("kind")):
+            return
+        for v in spec.get("versions") or [{"name": spec.get("version", "v1")}]:
+            self.types.add(ResourceType(spec["group"], v["name"], names["kind"], names["plural"],
+                                        spec.get("scope", "Namespaced") == "Namespaced", True,
+                                        tuple(names.get("shortNames") or ())))
+
+    def _group_versions(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for rt in self.types.types():
+            if rt.group:
+                versions = groups.setdefault(rt.group, [])
+                for v in (rt.version, *EXTRA_VERSIONS.get(rt.group, ())):
+                    if v not in versions:
+                        versions.append(v)
+        return groups
+
+    def _group_list(self) -> Obj:
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+            {"name": g, "versions": [{"groupVersion": f"{g}/{v}", "version": v} for v in vs],
+             "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]}}
+            for g, vs in sorted(self._group_versions().items())]}
+
+    def _resource_list(self, group: str, version: str) -> Obj:
+        if group and version not in self._group_versions().get(group, []):
+            raise ApiError(404, f"the server could not find the requested resource ({group}/{version})")
+        resources = []
+        for rt in self.types.types():
+            if rt.group != group:
+                continue
+            verbs = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+            resources.append({"name": rt.plural, "singularName": rt.kind.lower(), "namespaced": rt.namespaced,
+                              "kind": rt.kind, "verbs": verbs, "shortNames": list(rt.short_names)})
+            if rt.has_status:
+                resources.append({"name": f"{rt.plural}/status", "singularName": "", "namespaced": rt.namespaced,
+                                  "kind": rt.kind, "verbs": ["get", "patch", "update"]})
+        gv = f"{group}/{version}" if group else version
+        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
+
+
+def _frame(event_type: str, obj: Obj) -> bytes:
+    return json.dumps({"type": event_type, "object": obj}, separators=(",", ":")).encode() + b"\n"
+
+
+def _status_response(exc: ApiError) -> web.Response:
+    return web.json_response(exc.status(), status=exc.code)
+
+
+async def _read_body(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw) if raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+__all__ = ["ApiServer", "Event"]
