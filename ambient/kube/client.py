@@ -209,10 +209,10 @@ class KubeClient:
         result: Obj = await self.request("GET", rt.path(namespace), params=params)
         return result
 
-    async def create(self, obj: Obj, namespace: str | None = None) -> Obj:
+    async def create(self, obj: Obj, namespace: str | None = None, *, dry_run: bool = False) -> Obj:
         rt = await self.resource(obj["apiVersion"], obj["kind"])
         ns = namespace or obj.get("metadata", {}).get("namespace")
-        result: Obj = await self.request("POST", rt.path(ns), obj)
+        result: Obj = await self.request("POST", rt.path(ns), obj, params=_dry(dry_run))
         return result
 
     async def replace(self, obj: Obj, *, status: bool = False) -> Obj:
@@ -223,9 +223,9 @@ class KubeClient:
         return result
 
     async def patch(self, rt: ResourceType, name: str, patch: Obj, namespace: str | None = None, *,
-                    status: bool = False) -> Obj:
+                    status: bool = False, dry_run: bool = False) -> Obj:
         result: Obj = await self.request("PATCH", rt.path(namespace, name, "status" if status else None), patch,
-                                         content_type="application/merge-patch+json")
+                                         params=_dry(dry_run), content_type="application/merge-patch+json")
         return result
 
     async def delete(self, rt: ResourceType, name: str, namespace: str | None = None,
@@ -264,3 +264,7 @@ class KubeClient:
             raise ApiError(503, f"watch of {rt.plural} interrupted: {exc}", "ServiceUnavailable") from None
         except TimeoutError:
             return
+
+
+def _dry(dry_run: bool) -> dict[str, str] | None:
+    return {"dryRun": "All"} if dry_run else None

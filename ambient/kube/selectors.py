@@ -94,6 +94,9 @@ def selector_from_match_labels(selector: Mapping[str, Any] | None) -> tuple[Requ
     reqs = [Requirement(k, "=", (str(v),)) for k, v in sorted((selector.get("matchLabels") or {}).items())]
     ops = {"In": "in", "NotIn": "notin", "Exists": "exists", "DoesNotExist": "!"}
     for expr in selector.get("matchExpressions") or []:
+        # Comes from user manifests: a malformed entry is a SelectorError (→ 422), not a crash (→ 500).
+        if not isinstance(expr, Mapping) or not isinstance(expr.get("key"), str):
+            raise SelectorError(f"matchExpressions entry {expr!r} needs a string `key`")
         op = ops.get(expr.get("operator", ""))
         if op is None:
             raise SelectorError(f"unknown matchExpressions operator {expr.get('operator')!r}")

@@ -91,6 +91,12 @@ class ServiceIPs:
                 return str(candidate)
         raise ApiError(500, "no ClusterIP addresses left in the service range")
 
+    def dry(self) -> ServiceIPs:
+        """A copy to validate against without allocating (dry-run requests)."""
+        copy = ServiceIPs()
+        copy._used, copy._next = set(self._used), self._next
+        return copy
+
     def release(self, ip: str | None) -> None:
         if ip and ip != "None":
             self._used.discard(ipaddress.ip_address(ip))

@@ -141,7 +141,8 @@ class ApiServer:
                 return web.json_response(self._list(rt, namespace, q.get("labelSelector"), q.get("fieldSelector")))
             if method == "POST":
                 body = await _read_body(request)
-                return web.json_response(self.create(rt, namespace, body), status=201)
+                dry_run = q.get("dryRun") == "All"
+                return web.json_response(self.create(rt, namespace, body, dry_run=dry_run), status=201)
             if method == "DELETE":
                 items = self._list(rt, namespace, q.get("labelSelector"), q.get("fieldSelector"))["items"]
                 for item in items:
@@ -150,16 +151,20 @@ class ApiServer:
             raise ApiError(405, f"method {method} not allowed on a collection")
         if method == "GET":
             return web.json_response(self._present(rt, self._require(rt, namespace, name)))
+        dry_run = q.get("dryRun") == "All"
         if method == "PUT":
             body = await _read_body(request)
-            return web.json_response(self.update(rt, namespace, name, body, status_only=sub == "status"))
+            # Responses, like reads, are in the requested version (the stored one may differ).
+            updated = self.update(rt, namespace, name, body, status_only=sub == "status", dry_run=dry_run)
+            return web.json_response(self._present(rt, updated))
         if method == "PATCH":
             ctype = request.content_type
             if ctype not in MERGE_PATCH_TYPES:
                 raise ApiError(415, f"the body of the request was in an unsupported patch type {ctype!r}; "
                                     "use application/merge-patch+json")
             patch = await _read_body(request)
-            return web.json_response(self.patch(rt, namespace, name, patch, status_only=sub == "status"))
+            patched = self.patch(rt, namespace, name, patch, status_only=sub == "status", dry_run=dry_run)
+            return web.json_response(self._present(rt, patched))
         if method == "DELETE":
             grace = q.get("gracePeriodSeconds")
             if request.can_read_body:
@@ -167,7 +172,8 @@ class ApiServer:
                     options = await _read_body(request)
                     if options.get("gracePeriodSeconds") is not None:
                         grace = str(options["gracePeriodSeconds"])
-            return web.json_response(self.delete(rt, namespace, name, None if grace is None else int(grace)))
+            deleted = self.delete(rt, namespace, name, None if grace is None else int(grace))
+            return web.json_response(self._present(rt, deleted))
         raise ApiError(405, f"method {method} not allowed")
 
     # -- verbs -----------------------------------------------------------------------------------
@@ -196,7 +202,7 @@ class ApiServer:
         return {"kind": f"{kind}List", "apiVersion": rt.api_version,
                 "metadata": {"resourceVersion": str(self.store.rv)}, "items": items}
 
-    def create(self, rt: ResourceType, namespace: str, body: Obj) -> Obj:
+    def create(self, rt: ResourceType, namespace: str, body: Obj, *, dry_run: bool = False) -> Obj:
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
@@ -242,14 +248,17 @@ class ApiServer:
         meta["generation"] = 1
         for transient in ("resourceVersion", "deletionTimestamp", "selfLink"):
             meta.pop(transient, None)
-        admission.default_and_validate(kind, obj, None, self.ips)
+        admission.default_and_validate(kind, obj, None, self.ips.dry() if dry_run else self.ips)
+        if dry_run:
+            return obj
         if not rt.kind:
             self._learn(rt, kind, bool(namespace))
         if kind == "CustomResourceDefinition":
             self._register_crd(obj)
         return self.store.put(key, obj)
 
-    def update(self, rt: ResourceType, namespace: str, name: str, body: Obj, *, status_only: bool = False) -> Obj:
+    def update(self, rt: ResourceType, namespace: str, name: str, body: Obj, *, status_only: bool = False,
+               dry_run: bool = False) -> Obj:
         old = self._require(rt, namespace, name)
         meta = body.get("metadata") or {}
         if meta.get("name") not in (None, name):
@@ -259,9 +268,10 @@ class ApiServer:
             raise ApiError(409, f'Operation cannot be fulfilled on {rt.plural} "{name}": the object has been '
                                 "modified; please apply your changes to the latest version and try again",
                            "Conflict", {"name": name, "kind": rt.plural})
-        return self._replace(rt, old, copy.deepcopy(body), status_only=status_only)
+        return self._replace(rt, old, copy.deepcopy(body), status_only=status_only, dry_run=dry_run)
 
-    def patch(self, rt: ResourceType, namespace: str, name: str, patch: Obj, *, status_only: bool = False) -> Obj:
+    def patch(self, rt: ResourceType, namespace: str, name: str, patch: Obj, *, status_only: bool = False,
+              dry_run: bool = False) -> Obj:
         old = self._require(rt, namespace, name)
         if not isinstance(patch, dict):
             raise ApiError(400, "a merge patch must be a JSON object")
@@ -270,9 +280,9 @@ class ApiServer:
             raise ApiError(409, f'Operation cannot be fulfilled on {rt.plural} "{name}": the object has been '
                                 "modified; please apply your changes to the latest version and try again",
                            "Conflict", {"name": name, "kind": rt.plural})
-        return self._replace(rt, old, merge_patch(old, patch), status_only=status_only)
+        return self._replace(rt, old, merge_patch(old, patch), status_only=status_only, dry_run=dry_run)
 
-    def _replace(self, rt: ResourceType, old: Obj, new: Obj, *, status_only: bool) -> Obj:
+    def _replace(self, rt: ResourceType, old: Obj, new: Obj, *, status_only: bool, dry_run: bool = False) -> Obj:
         meta = new.setdefault("metadata", {})
         old_meta = old["metadata"]
         has_status = rt.has_status or not rt.kind
@@ -292,12 +302,15 @@ class ApiServer:
             else:
                 meta.pop(immutable, None)
         new["apiVersion"], new["kind"] = old["apiVersion"], old["kind"]
+        admission.default_and_validate(old["kind"], new, old, self.ips)
+        # Compared after defaulting: re-sending a manifest without the server's defaults is no spec change.
         meta["generation"] = old_meta.get("generation", 1) + (
             0 if status_only or new.get("spec") == old.get("spec") else 1)
-        admission.default_and_validate(old["kind"], new, old, self.ips)
+        if dry_run:
+            return new
         key = self._key(rt, old_meta.get("namespace", ""), old_meta["name"])
         if meta.get("deletionTimestamp") and not meta.get("finalizers") and not self._held(new):
-            return self.store.remove(key)
+            return self._remove(key, new)
         return self.store.put(key, new)
 
     def delete(self, rt: ResourceType, namespace: str, name: str, grace: int | None = None) -> Obj:
@@ -315,6 +328,10 @@ class ApiServer:
             if obj["kind"] == "Namespace":
                 new["status"] = {**new.get("status", {}), "phase": "Terminating"}
             return self.store.put(key, new)
+        return self._remove(key, obj)
+
+    def _remove(self, key: Key, obj: Obj) -> Obj:
+        """The one way objects leave the store, so a Service's ClusterIP is always released."""
         if obj["kind"] == "Service":
             self.ips.release(obj.get("spec", {}).get("clusterIP"))
         return self.store.remove(key)
@@ -426,9 +443,12 @@ def _status_response(exc: ApiError) -> web.Response:
 async def _read_body(request: web.Request) -> Any:
     raw = await request.read()
     try:
-        return json.loads(raw) if raw else {}
+        body = json.loads(raw) if raw else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    return body
 
 
 __all__ = ["ApiServer", "Event"]

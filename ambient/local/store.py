@@ -156,11 +156,11 @@ class Store:
         path = self._path(key)
         if obj is None:
             path.unlink(missing_ok=True)
+            # The removed object took the newest resourceVersion with it; record that version so a restart
+            # never hands out one that clients have already seen.
+            _write_atomically(self._dir / "resourceVersion", str(self.rv))
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(obj, separators=(",", ":")))
-        os.replace(tmp, path)
+        _write_atomically(path, json.dumps(obj, separators=(",", ":")))
 
     def _load(self) -> None:
         assert self._dir is not None
@@ -171,3 +171,13 @@ class Store:
             ns = "" if ns_dir == "_cluster" else ns_dir
             self._objects[(group, plural, ns, obj["metadata"]["name"])] = obj
             self.rv = max(self.rv, int(obj["metadata"].get("resourceVersion", "0")))
+        rv_file = self._dir / "resourceVersion"
+        if rv_file.is_file():
+            self.rv = max(self.rv, int(rv_file.read_text()))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,61 @@
+"""Where the local cluster keeps things in its state directory: one place that names every path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_STATE_DIR = Path(os.environ.get("AMBIENT_STATE_DIR", "/var/lib/ambient-local"))
+# The running cluster's state dir is recorded here, so `ambientctl` finds it from any directory.
+CURRENT_POINTER = Path("/run/ambient-local/current")
+API_PORT = 6443
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def token_file(self) -> Path:
+        return self.root / "pki" / "admin.token"
+
+    @property
+    def supervisor_pid(self) -> Path:
+        return self.root / "supervisor.pid"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "cluster.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def node(self, name: str) -> Path:
+        return self.root / "nodes" / name
+
+    def cni_conf_dir(self, node: str) -> Path:
+        return self.node(node) / "net.d"
+
+    def cni_bin_dir(self, node: str) -> Path:
+        return self.node(node) / "bin"
+
+    def pods(self, node: str) -> Path:
+        return self.node(node) / "pods"
+
+    def pod_dir(self, node: str, namespace: str, name: str, uid: str) -> Path:
+        return self.pods(node) / f"{namespace}_{name}_{uid}"
+
+
+def pod_netns_name(uid: str) -> str:
+    """The network namespace the local kubelet makes for a pod (also what `ambientctl exec` enters)."""
+    return f"amb-pod-{uid[:13]}"
