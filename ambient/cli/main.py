@@ -30,8 +30,7 @@ Obj = dict[str, Any]
 T = TypeVar("T")
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 TYPES = ResourceTable()
-POD = TYPES.resolve("pods")
-assert POD is not None
+POD = TYPES.require("pods")
 
 
 class CliError(click.ClickException):
@@ -162,8 +161,7 @@ def status(ctx: Context) -> None:
     click.echo(f"  kubeconfig:  {state.kubeconfig}")
 
     async def show(client: KubeClient) -> None:
-        node_rt = TYPES.resolve("nodes")
-        assert node_rt is not None
+        node_rt = TYPES.require("nodes")
         nodes = (await client.list(node_rt))["items"]
         pods = (await client.list(POD))["items"]
         click.echo(table(nodes, "Node", wide=True, with_namespace=False))
@@ -196,7 +194,7 @@ def split_targets(args: tuple[str, ...]) -> list[tuple[str, str | None]]:
     if not args:
         raise CliError("you must specify the type of resource")
     if "/" in args[0]:
-        out = []
+        out: list[tuple[str, str | None]] = []
         for arg in args:
             kind, _, name = arg.partition("/")
             if not name:
@@ -227,7 +225,8 @@ async def find_pod(client: KubeClient, target: str, namespace: str) -> Obj:
                and not p["metadata"].get("deletionTimestamp")]
     if not running:
         raise CliError(f"no running pod found for {target} in namespace {namespace}")
-    return sorted(running, key=lambda p: p["metadata"]["name"])[0]
+    first: Obj = sorted(running, key=lambda p: p["metadata"]["name"])[0]
+    return first
 
 
 # -- apply / delete ------------------------------------------------------------------------------------
@@ -310,7 +309,7 @@ def apply(ctx: Context, files: tuple[str, ...], namespace: str | None) -> None:
 def _apply_patch(live: Obj, obj: Obj) -> Obj:
     last_text = (live["metadata"].get("annotations") or {}).get(LAST_APPLIED)
     last = json.loads(last_text) if last_text else {}
-    patch = _removal_patch({k: v for k, v in last.items() if k != "status"}, obj)
+    patch: Obj = _removal_patch({k: v for k, v in last.items() if k != "status"}, obj)
     patch.setdefault("metadata", {}).setdefault("annotations", {})[LAST_APPLIED] = json.dumps(obj, sort_keys=True)
     return patch
 
@@ -429,9 +428,8 @@ def get(ctx: Context, targets: tuple[str, ...], output: str | None, all_namespac
         if output in ("yaml", "json"):
             doc: Obj = everything[0] if len(everything) == 1 and any(n for _, n in expanded) else {
                 "apiVersion": "v1", "kind": "List", "items": everything, "metadata": {"resourceVersion": ""}}
-            click.echo(json.dumps(doc, indent=4) if output == "json" else yaml.safe_dump(doc, sort_keys=False), nl=False)
-            if output == "json":
-                click.echo()
+            text = json.dumps(doc, indent=4) + "\n" if output == "json" else yaml.safe_dump(doc, sort_keys=False)
+            click.echo(text, nl=False)
         elif output == "name":
             for rt, items in groups:
                 for item in items:

@@ -20,7 +20,7 @@ def age(obj: Obj, field: str = "creationTimestamp") -> str:
     if seconds < 120:
         return f"{seconds}s"
     if seconds < 3600 * 3:
-        return f"{seconds // 60}m" if seconds < 600 else f"{seconds // 60}m"
+        return f"{seconds // 60}m"
     if seconds < 86400 * 2:
         return f"{seconds // 3600}h"
     return f"{seconds // 86400}d"
@@ -89,7 +89,8 @@ COLUMNS: dict[str, tuple[list[Column], list[Column]]] = {
                  ("PORT(S)", _ports), ("AGE", age)],
                 [("SELECTOR", _selector)]),
     "Deployment": ([("NAME", _name),
-                    ("READY", lambda d: f"{d.get('status', {}).get('readyReplicas', 0)}/{d['spec'].get('replicas', 1)}"),
+                    ("READY", lambda d: f"{d.get('status', {}).get('readyReplicas', 0)}/"
+                                        f"{d['spec'].get('replicas', 1)}"),
                     ("UP-TO-DATE", lambda d: str(d.get("status", {}).get("updatedReplicas", 0))),
                     ("AVAILABLE", lambda d: str(d.get("status", {}).get("availableReplicas", 0))), ("AGE", age)],
                    [("CONTAINERS", lambda d: ",".join(c["name"] for c in d["spec"]["template"]["spec"]["containers"])),

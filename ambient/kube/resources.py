@@ -130,6 +130,13 @@ class ResourceTable:
                                 rt.short_names)
         return rt
 
+    def require(self, name: str) -> ResourceType:
+        """`resolve` for names the caller knows are built in."""
+        rt = self.resolve(name)
+        if rt is None:
+            raise KeyError(f"unknown resource type {name!r}")
+        return rt
+
     def resolve(self, name: str) -> ResourceType | None:
         """kubectl-style: `pods`, `pod`, `po`, `Pod`, `deployments.apps`, `gateways.gateway.networking.k8s.io`."""
         lower = name.lower()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
-
 from collections.abc import Iterable
 from typing import Any
 
@@ -69,7 +68,8 @@ class ServiceIPs:
             try:
                 ip = ipaddress.ip_address(requested)
             except ValueError:
-                raise invalid("Service", name, [("spec.clusterIP", f"Invalid value: {requested!r}: must be an IP")]) from None
+                raise invalid("Service", name,
+                              [("spec.clusterIP", f"Invalid value: {requested!r}: must be an IP")]) from None
             if ip not in SERVICE_CIDR:
                 raise invalid("Service", name, [("spec.clusterIP", (
                     f"Invalid value: {requested!r}: provided IP is not in the valid range. "
@@ -186,7 +186,8 @@ def _replicated(kind: str, obj: Obj) -> None:
     spec = obj.setdefault("spec", {})
     replicas = spec.setdefault("replicas", 1)
     if not isinstance(replicas, int) or replicas < 0:
-        raise invalid(kind, name, [("spec.replicas", f"Invalid value: {replicas!r}: must be greater than or equal to 0")])
+        raise invalid(kind, name, [("spec.replicas",
+                                    f"Invalid value: {replicas!r}: must be greater than or equal to 0")])
     selector = spec.get("selector")
     if not selector:
         raise invalid(kind, name, [("spec.selector", "Required value")])

@@ -39,7 +39,7 @@ from ambient.local.store import Event, Key, Obj, Store, Watcher
 log = logging.getLogger("ambient.apiserver")
 
 BOOKMARK_INTERVAL = 10.0  # seconds between BOOKMARK events on idle watches that asked for them
-DEFAULT_WATCH_TIMEOUT = 1800  # Kubernetes picks 30–60 min when the client does not say
+DEFAULT_WATCH_TIMEOUT = 1800  # Kubernetes picks 30-60 min when the client does not say
 JSON = "application/json"
 MERGE_PATCH_TYPES = {"application/merge-patch+json", "application/strategic-merge-patch+json"}
 
@@ -262,7 +262,8 @@ class ApiServer:
         old = self._require(rt, namespace, name)
         meta = body.get("metadata") or {}
         if meta.get("name") not in (None, name):
-            raise ApiError(400, f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
+            raise ApiError(400, f"the name of the object ({meta.get('name')}) does not match the name on the URL "
+                                f"({name})")
         rv = meta.get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:
             raise ApiError(409, f'Operation cannot be fulfilled on {rt.plural} "{name}": the object has been '

@@ -136,8 +136,7 @@ def _wait_ready(state: StateDir) -> ClusterInfo:
     deadline = time.monotonic() + UP_TIMEOUT
 
     async def ready() -> str:
-        node_rt = ResourceTable().resolve("nodes")
-        assert node_rt is not None
+        node_rt = ResourceTable().require("nodes")
         last = "API server not answering yet"
         async with KubeClient(KubeConfig.load(state.kubeconfig)) as client:
             while time.monotonic() < deadline:

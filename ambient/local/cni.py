@@ -57,7 +57,7 @@ def load_conflist(conf_dir: Path) -> Obj:
         conf = {"cniVersion": conf.get("cniVersion", "0.4.0"), "name": conf.get("name", ""), "plugins": [conf]}
     if not isinstance(conf.get("plugins"), list) or not conf["plugins"]:
         raise CniError("", "LOAD", f"{path} has no plugins")
-    return conf
+    return dict(conf)
 
 
 async def _exec(plugin: Obj, conflist: Obj, command: str, inv: Invocation, cni_path: str,

@@ -37,14 +37,9 @@ Obj = dict[str, Any]
 TYPES = ResourceTable()
 
 
-def _rt(name: str) -> ResourceType:
-    rt = TYPES.resolve(name)
-    assert rt is not None, name
-    return rt
-
-
-POD, NODE, NAMESPACE, SERVICE = _rt("pods"), _rt("nodes"), _rt("namespaces"), _rt("services")
-DEPLOYMENT, REPLICASET, SLICE, SA = _rt("deployments"), _rt("replicasets"), _rt("endpointslices"), _rt("sa")
+POD, NODE, NAMESPACE, SERVICE = (TYPES.require(n) for n in ("pods", "nodes", "namespaces", "services"))
+DEPLOYMENT, REPLICASET, SLICE, SA = (
+    TYPES.require(n) for n in ("deployments", "replicasets", "endpointslices", "serviceaccounts"))
 
 DEBOUNCE = 0.05  # seconds: gather a burst of watch events into one reconcile
 EXPECTATION_TTL = 30.0  # seconds a created/deleted pod may take to show up in the cache
@@ -302,7 +297,8 @@ class Controllers:
     def desired_slices(svc: Obj, pods: list[Obj]) -> dict[str, Obj]:
         meta = svc["metadata"]
         requirements = selector_from_match_labels(svc["spec"]["selector"])
-        groups: dict[tuple[tuple[str, int, str], ...], list[Obj]] = {}
+        Ports = tuple[tuple[str, int, str], ...]
+        groups: dict[Ports, list[Obj]] = {}
         for pod in pods:
             if pod["metadata"].get("namespace") != meta["namespace"] or not pod.get("status", {}).get("podIP"):
                 continue
@@ -310,12 +306,12 @@ class Controllers:
                 continue
             if not labels_match(requirements, pod["metadata"].get("labels")):
                 continue
-            ports = []
+            resolved: list[tuple[str, int, str]] = []
             for p in svc["spec"].get("ports") or []:
                 target = resolve_target_port(p, pod)
                 if target is not None:
-                    ports.append((p.get("name", ""), target, p.get("protocol", "TCP")))
-            groups.setdefault(tuple(ports), []).append(pod)
+                    resolved.append((p.get("name", ""), target, p.get("protocol", "TCP")))
+            groups.setdefault(tuple(resolved), []).append(pod)
         if not groups:
             numeric = tuple((p.get("name", ""), p["targetPort"], p.get("protocol", "TCP"))
                             for p in svc["spec"].get("ports") or [] if isinstance(p.get("targetPort"), int))
@@ -415,7 +411,8 @@ class Controllers:
             return
         ready: dict[tuple[str, str], list[str]] = {}
         for s in self.cache(SLICE):
-            key = (s["metadata"]["namespace"], (s["metadata"].get("labels") or {}).get("kubernetes.io/service-name", ""))
+            service = (s["metadata"].get("labels") or {}).get("kubernetes.io/service-name", "")
+            key = (s["metadata"]["namespace"], service)
             ready.setdefault(key, []).extend(
                 a for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready", True)
                 for a in e.get("addresses") or [])

@@ -16,8 +16,7 @@ from ambient.kube.resources import ResourceTable
 
 log = logging.getLogger("ambient.events")
 Obj = dict[str, Any]
-EVENT = ResourceTable().resolve("events")
-assert EVENT is not None
+EVENT = ResourceTable().require("events")
 
 
 class EventRecorder:

@@ -43,11 +43,10 @@ from ambient.local.network import KUBE_DNS_IP, NodeNet, run
 log = logging.getLogger("ambient.kubelet")
 Obj = dict[str, Any]
 TYPES = ResourceTable()
-POD = TYPES.resolve("pods")
-NODE = TYPES.resolve("nodes")
-SERVICE = TYPES.resolve("services")
-SLICE = TYPES.resolve("endpointslices")
-assert POD and NODE and SERVICE and SLICE
+POD = TYPES.require("pods")
+NODE = TYPES.require("nodes")
+SERVICE = TYPES.require("services")
+SLICE = TYPES.require("endpointslices")
 
 HEARTBEAT_INTERVAL = 10.0  # seconds between Node Ready heartbeats
 SANDBOX_RETRY_MAX = 10.0  # seconds: cap of the backoff between failed sandbox (CNI ADD) attempts
@@ -90,7 +89,7 @@ def _field_ref(pod: Obj, path: str, node: NodeNet, sandbox: Sandbox) -> str:
     }
     if m := re.match(r"metadata\.(labels|annotations)\['(.+)'\]$", path):
         return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
-    return values.get(path, "")
+    return str(values.get(path, ""))
 
 
 @dataclass
@@ -131,7 +130,9 @@ class ContainerRunner:
                 env[var["name"]] = _field_ref(w.pod, ref.get("fieldPath", ""), w.node, w.sandbox_or_empty)
         return env
 
-    def _argv(self, env: dict[str, str]) -> list[str]:
+    def _argv(self, env: dict[str, str], cwd: str) -> list[str]:
+        if not Path(cwd).is_dir():
+            raise RuntimeError(f"workingDir {cwd!r} does not exist on this host")
         command = [expand(a, env) for a in (self.spec.get("command") or [])]
         args = [expand(a, env) for a in (self.spec.get("args") or [])]
         if not command:
@@ -171,9 +172,7 @@ class ContainerRunner:
         cwd = self.spec.get("workingDir") or "/"
         log_path = w.pod_dir / f"{self.name}.log"
         try:
-            argv = self._argv(env)
-            if cwd and not Path(cwd).is_dir():
-                raise RuntimeError(f"workingDir {cwd!r} does not exist on this host")
+            argv = self._argv(env, cwd)
             with log_path.open("ab") as out:
                 self.process = await asyncio.create_subprocess_exec(
                     *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
@@ -247,7 +246,7 @@ class ContainerRunner:
                     self.worker.changed.set()
             else:
                 successes, failures = 0, failures + 1
-                if self.ready and failures >= failure_needed or (not self.ready and failures == failure_needed):
+                if (self.ready and failures >= failure_needed) or (not self.ready and failures == failure_needed):
                     if self.ready:
                         self.ready = False
                         self.worker.changed.set()
@@ -511,7 +510,7 @@ class Kubelet:
         if pod["spec"].get("hostNetwork"):
             return Sandbox(None, [self.node.ip], None, meta["uid"])
         netns = pod_netns_name(meta["uid"])
-        record = {"netns": netns, "pod": f"{meta['namespace']}/{meta['name']}"}
+        record: Obj = {"netns": netns, "pod": f"{meta['namespace']}/{meta['name']}"}
         (pod_dir / "sandbox.json").write_text(json.dumps(record))
         if not Path(f"/run/netns/{netns}").exists():
             run("ip", "netns", "add", netns)
@@ -524,7 +523,14 @@ class Kubelet:
             (etc / "resolv.conf").write_text(resolv_conf(meta["namespace"]))
         conflist = cni.load_conflist(self.state.cni_conf_dir(self.node.name))
         inv = cni.Invocation(meta["uid"], f"/run/netns/{netns}", "eth0", meta["name"], meta["namespace"], meta["uid"])
-        result = await cni.add(conflist, inv, self.cni_path)
+        try:
+            result = await cni.add(conflist, inv, self.cni_path)
+        except cni.CniError:
+            # As a runtime does: undo the part of the chain that succeeded, and start the next attempt
+            # from a fresh namespace.
+            await cni.delete(conflist, inv, self.cni_path, None)
+            run("ip", "netns", "del", netns, check=False)
+            raise
         record.update(cni_result=result, conflist=conflist)
         (pod_dir / "sandbox.json").write_text(json.dumps(record))
         ips = cni.result_ips(result)

@@ -60,7 +60,8 @@ BOOTSTRAP: list[Obj] = [
     *_static_service("kube-dns", "kube-system", KUBE_DNS_IP,
                      [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
                       {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}],
-                     [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}],
+                     [{"name": "dns", "port": 53, "protocol": "UDP"},
+                      {"name": "dns-tcp", "port": 53, "protocol": "TCP"}],
                      {"k8s-app": "kube-dns"}),
 ]
 

@@ -1,0 +1,5 @@
+"""`python -m ambient.cli` runs ambientctl."""
+
+from ambient.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""A re-creation of Istio's Bookinfo: productpage calls details and reviews; reviews v2/v3 call ratings."""

@@ -1,0 +1,1 @@
+"""A TCP echo server like Istio's tcp-echo sample."""
