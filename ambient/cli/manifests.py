@@ -74,7 +74,7 @@ def load(paths: tuple[str, ...]) -> list[Document]:
 
 
 def _expand_lists(obj: Any) -> list[Any]:
-    if isinstance(obj, dict) and obj.get("kind", "").endswith("List") and isinstance(obj.get("items"), list):
+    if isinstance(obj, dict) and str(obj.get("kind") or "").endswith("List") and isinstance(obj.get("items"), list):
         return list(obj["items"])
     return [obj]
 

@@ -9,6 +9,7 @@ pod and node namespaces, links, rules — and removes the state directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -190,4 +191,6 @@ def down(state_dir: Path) -> list[str]:
         removed.append(f"state dir {state.root}")
     if current_state_dir() == state.root:
         CURRENT_POINTER.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            CURRENT_POINTER.parent.rmdir()
     return removed

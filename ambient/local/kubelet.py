@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from ambient.aio import cancel_on_signals
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.errors import ApiError
 from ambient.kube.informer import Informer
@@ -60,12 +61,13 @@ def resolv_conf(namespace: str) -> str:
     return f"search {search}\nnameserver {KUBE_DNS_IP}\noptions ndots:5\n"
 
 
-_VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+# `$$` is matched first so that `$$(VAR)` stays the literal `$(VAR)`, as Kubernetes escapes it.
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
 def expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes `$(VAR)` expansion in command and args; unknown references stay as written."""
-    return _VAR_REF.sub(lambda m: env.get(m.group(1), m.group(0)), text).replace("$$", "$")
+    return _VAR_REF.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
 
 @dataclass
@@ -665,11 +667,7 @@ async def main_async(args: argparse.Namespace) -> None:
     node = NodeNet(args.node_index)
     client = KubeClient(KubeConfig.load(state.kubeconfig))
     kubelet = Kubelet(state, node, client)
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, main_task.cancel)
+    cancel_on_signals()
     try:
         await kubelet.run()
     except asyncio.CancelledError:

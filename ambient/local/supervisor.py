@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
+from ambient.aio import cancel_on_signals
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.errors import ApiError
 from ambient.local import procs
@@ -138,11 +138,7 @@ async def main_async(state: StateDir) -> None:
     controllers = Controllers(client, zone)
     children = [kubelet_child(state, NodeNet(i)) for i in config["nodes"]]
     log.info("control plane up: API https://%s:%d, DNS %s:53, %d node(s)", HOST_IP, API_PORT, HOST_IP, len(children))
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, main_task.cancel)
+    cancel_on_signals()
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(controllers.run(), name="controllers")
