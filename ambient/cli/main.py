@@ -310,7 +310,10 @@ def _apply_patch(live: Obj, obj: Obj) -> Obj:
     last_text = (live["metadata"].get("annotations") or {}).get(LAST_APPLIED)
     last = json.loads(last_text) if last_text else {}
     patch: Obj = _removal_patch({k: v for k, v in last.items() if k != "status"}, obj)
-    patch.setdefault("metadata", {}).setdefault("annotations", {})[LAST_APPLIED] = json.dumps(obj, sort_keys=True)
+    # Fresh dicts: the patch may share them with `obj`, and `annotations` is None when all were removed.
+    meta = patch["metadata"] = dict(patch.get("metadata") or {})
+    removed = dict.fromkeys((last.get("metadata") or {}).get("annotations") or {})
+    meta["annotations"] = {**removed, **(meta.get("annotations") or {}), LAST_APPLIED: json.dumps(obj, sort_keys=True)}
     return patch
 
 

@@ -288,8 +288,15 @@ class ApiServer:
         old_meta = old["metadata"]
         has_status = rt.has_status or not rt.kind
         if status_only:
+            status_meta = new.get("metadata") or {}
             new = {**copy.deepcopy(old), "status": new.get("status")}
             meta = new["metadata"]
+            if old["kind"] == "Pod":
+                # As Kubernetes' pod status strategy allows: labels and annotations may change through
+                # pods/status (the CNI agent sets ambient.istio.io/redirection this way).
+                for field in ("labels", "annotations"):
+                    if field in status_meta:
+                        meta[field] = status_meta[field]
         elif has_status and rt.kind:
             # With a status subresource, writes to the main resource leave status alone.
             if "status" in old:

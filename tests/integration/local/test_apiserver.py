@@ -429,14 +429,15 @@ async def test_status_subresource(cluster: Cluster) -> None:
     client = cluster.client
     created = await client.create(pod("p"))
 
-    # PATCH /status changes status only, and does not bump generation.
+    # PATCH /status changes status (and, for pods, labels/annotations as Kubernetes allows) but never
+    # spec, and does not bump generation.
     after_status = await client.patch(PODS, "p", {"status": {"phase": "Running", "podIP": "10.1.0.5"},
                                                   "spec": {"nodeName": "node-a"},
                                                   "metadata": {"labels": {"sneaky": "yes"}}},
                                       "default", status=True)
     assert after_status["status"] == {"phase": "Running", "podIP": "10.1.0.5"}
     assert after_status["spec"] == created["spec"]
-    assert "labels" not in after_status["metadata"]
+    assert after_status["metadata"]["labels"] == {"sneaky": "yes"}
     assert after_status["metadata"]["generation"] == 1
 
     # A PUT to the main resource leaves status alone but takes the spec change.
@@ -1066,3 +1067,23 @@ def test_unusable_kubeconfig_says_what_to_do(tmp_path: Path, setup: str, message
     if setup == "missing":
         assert "ambientctl up" in str(info.value)
         assert "--kubeconfig" in str(info.value)
+
+
+
+def test_pod_annotations_can_change_through_the_status_subresource() -> None:
+    """The CNI agent annotates pods through pods/status, as Istio's does; other metadata stays put."""
+    from ambient.kube.resources import ResourceTable
+    from ambient.local.apiserver import ApiServer
+
+    server = ApiServer(None, None)
+    pods = ResourceTable().require("pods")
+    server.create(ResourceTable().require("namespaces"), "", {"metadata": {"name": "ns"}})
+    server.create(pods, "ns", {"metadata": {"name": "p", "labels": {"app": "x"}},
+                               "spec": {"containers": [{"name": "c"}]}})
+    patched = server.patch(pods, "ns", "p", {
+        "metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}, "ownerReferences": [{"x": 1}]},
+        "status": {"phase": "Running"}}, status_only=True)
+    assert patched["metadata"]["annotations"] == {"ambient.istio.io/redirection": "enabled"}
+    assert patched["metadata"]["labels"] == {"app": "x"}
+    assert "ownerReferences" not in patched["metadata"]
+    assert patched["status"]["phase"] == "Running"
