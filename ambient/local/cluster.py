@@ -29,6 +29,7 @@ from ambient.local import network, pki, procs
 from ambient.local.kubelet import kill_recorded
 from ambient.local.layout import API_PORT, CURRENT_POINTER, StateDir
 
+AGENT_HEALTH_PORT = 8000  # the CNI node agent's /readyz (PROTOCOLS §1)
 UP_TIMEOUT = 60.0  # seconds for the API server and all nodes to be ready
 SUPERVISOR_STOP_TIMEOUT = 60.0
 
@@ -148,9 +149,11 @@ def _wait_ready(state: StateDir) -> ClusterInfo:
                     ready_nodes = {n["metadata"]["name"] for n in items if any(
                         c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))}
                     missing = [n.name for n in nodes if n.name not in ready_nodes]
-                    if not missing:
+                    agents = [n.name for n in nodes if not await _agent_ready(n)]
+                    if not missing and not agents:
                         return ""
-                    last = f"nodes not ready: {', '.join(missing)}"
+                    last = (f"nodes not ready: {', '.join(missing)}" if missing else
+                            f"CNI agents not ready on: {', '.join(agents)}")
                 except ApiError as exc:
                     last = str(exc)
                 await asyncio.sleep(0.1)
@@ -162,6 +165,21 @@ def _wait_ready(state: StateDir) -> ClusterInfo:
     record = procs.recorded_process(state.supervisor_pid)
     return ClusterInfo(state.root, f"https://{network.HOST_IP}:{API_PORT}", state.kubeconfig, nodes,
                        record.pid if record else None)
+
+
+async def _agent_ready(node: network.NodeNet) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(node.ip, AGENT_HEALTH_PORT), 1)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(b"GET /readyz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 1)).startswith(b"HTTP/1.1 200")
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
 
 
 def down(state_dir: Path) -> list[str]:

@@ -13,6 +13,21 @@ API_PORT = 6443
 
 
 @dataclass(frozen=True)
+class NodePaths:
+    """Per-node sockets of the mesh components (where a real node has /var/run/...)."""
+
+    root: Path
+
+    @property
+    def cni_run_dir(self) -> Path:  # the CNI plugin's pluginevent.sock lives here
+        return self.root / "istio-cni"
+
+    @property
+    def zds_socket(self) -> Path:  # ztunnel connects to the agent here
+        return self.root / "ztunnel" / "ztunnel.sock"
+
+
+@dataclass(frozen=True)
 class StateDir:
     root: Path
 
@@ -51,6 +66,9 @@ class StateDir:
 
     def pods(self, node: str) -> Path:
         return self.node(node) / "pods"
+
+    def node_paths(self, node: str) -> NodePaths:
+        return NodePaths(self.node(node))
 
     def pod_dir(self, node: str, namespace: str, name: str, uid: str) -> Path:
         return self.pods(node) / f"{namespace}_{name}_{uid}"

@@ -30,6 +30,7 @@ from ambient.local.network import HOST_IP, KUBE_DNS_IP, KUBERNETES_SERVICE_IP, N
 log = logging.getLogger("ambient.supervisor")
 Obj = dict[str, Any]
 
+DRIFT_INTERVAL = 5.0  # seconds: the local cluster's agents re-verify pod rules this often
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a crashing child
 CHILD_STOP_TIMEOUT = 40.0  # seconds a kubelet gets to stop its pods on shutdown
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease", "istio-system")
@@ -115,12 +116,28 @@ class Child:
         self.pid_path.unlink(missing_ok=True)
 
 
-def kubelet_child(state: StateDir, node: NodeNet) -> Child:
-    # nsenter --net switches only the network namespace: the kubelet shares the host's mount namespace,
-    # so the pod namespaces it creates with `ip netns add` are visible to everyone.
-    argv = ["nsenter", f"--net={node.netns_path}", "--", sys.executable, "-m", "ambient.local.kubelet",
-            "--state-dir", str(state.root), "--node-index", str(node.index)]
-    return Child(f"kubelet-{node.name}", argv, state)
+def node_children(state: StateDir, node: NodeNet) -> list[Child]:
+    """What runs on each simulated node, inside the node's network namespace. `nsenter --net` switches
+    only the network namespace: they share the host's mount namespace, so the pod namespaces the kubelet
+    creates with `ip netns add` are visible to everyone."""
+
+    def on_node(name: str, module: str, *args: str) -> Child:
+        argv = ["nsenter", f"--net={node.netns_path}", "--", sys.executable, "-m", module, *args]
+        return Child(f"{name}-{node.name}", argv, state)
+
+    paths = state.node_paths(node.name)
+    return [
+        on_node("kubelet", "ambient.local.kubelet", "--state-dir", str(state.root), "--node-index", str(node.index)),
+        on_node("cni-agent", "cni.agent", "--node-name", node.name, "--kubeconfig", str(state.kubeconfig),
+                "--run-dir", str(paths.cni_run_dir), "--zds-socket", str(paths.zds_socket),
+                "--listen-address", node.ip, "--kubelet-pod-dir", str(state.pods(node.name)),
+                "--cni-conf-dir", str(state.cni_conf_dir(node.name)),
+                "--cni-bin-dir", str(state.cni_bin_dir(node.name)),
+                "--plugin-kubeconfig", str(state.kubeconfig), "--exclude-namespaces", "kube-system,istio-system",
+                "--drift-interval", str(DRIFT_INTERVAL)),
+        # Until ztunnel exists, a stand-in that plays ztunnel's side of ZDS (acks every pod).
+        on_node("ztunnel", "cni.zds_client", "--socket", str(paths.zds_socket)),
+    ]
 
 
 async def main_async(state: StateDir) -> None:
@@ -136,8 +153,9 @@ async def main_async(state: StateDir) -> None:
                      upstreams=upstreams_from_resolv_conf("/etc/resolv.conf", skip=[HOST_IP, KUBE_DNS_IP]))
     await dns.start()
     controllers = Controllers(client, zone)
-    children = [kubelet_child(state, NodeNet(i)) for i in config["nodes"]]
-    log.info("control plane up: API https://%s:%d, DNS %s:53, %d node(s)", HOST_IP, API_PORT, HOST_IP, len(children))
+    children = [child for i in config["nodes"] for child in node_children(state, NodeNet(i))]
+    log.info("control plane up: API https://%s:%d, DNS %s:53, %d node(s)", HOST_IP, API_PORT, HOST_IP,
+             len(config["nodes"]))
     cancel_on_signals()
     try:
         async with asyncio.TaskGroup() as tg:
