@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.errors import ApiError
 from ambient.kube.resources import ResourceTable
@@ -111,7 +109,8 @@ def up(state_dir: Path, node_count: int) -> ClusterInfo:
     if not state.token_file.exists():
         state.token_file.write_text(secrets.token_urlsafe(32))
         state.token_file.chmod(0o600)
-    state.kubeconfig.write_text(yaml.safe_dump(_kubeconfig(state, state.token_file.read_text().strip())))
+    # JSON is valid YAML for every client, and the CNI plugin reads it without loading a YAML parser.
+    state.kubeconfig.write_text(json.dumps(_kubeconfig(state, state.token_file.read_text().strip()), indent=2))
     state.kubeconfig.chmod(0o600)
     for node in nodes:
         conf_dir = state.cni_conf_dir(node.name)
