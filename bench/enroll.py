@@ -50,7 +50,7 @@ def wait_pods(state: Path, namespace: str, count: int, check: str, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         items = json.loads(ctl(state, "get", "pods", "-n", namespace, "-o", "json"))["items"]
-        if len(items) == count and all(eval(check, {"p": p}) for p in items):  # noqa: S307 - fixed expressions
+        if len(items) == count and all(eval(check, {"p": p}) for p in items):
             return items
         time.sleep(0.1)
     raise SystemExit(f"timed out waiting for {namespace}")

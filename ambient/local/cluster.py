@@ -28,6 +28,7 @@ from ambient.local.kubelet import kill_recorded
 from ambient.local.layout import API_PORT, CURRENT_POINTER, StateDir
 
 AGENT_HEALTH_PORT = 8000  # the CNI node agent's /readyz (PROTOCOLS §1)
+CONTROL_MONITORING_PORT = 15014  # ambient-control's /ready and /debug/xds
 UP_TIMEOUT = 60.0  # seconds for the API server and all nodes to be ready
 SUPERVISOR_STOP_TIMEOUT = 60.0
 
@@ -67,6 +68,22 @@ def _kubeconfig(state: StateDir, token: str) -> dict[str, object]:
         "contexts": [{"name": "ambient-local", "context": {"cluster": "ambient-local", "user": "admin",
                                                              "namespace": "default"}}],
     }
+
+
+def _write_bootstrap_tokens(state: StateDir, nodes: list[network.NodeNet]) -> None:
+    """One token per node for its ztunnel: a node proxy of that node (PROTOCOLS §5: it may ask for the
+    identities of pods scheduled there). ambient-control reads the file; each ztunnel reads its token."""
+    tokens: dict[str, dict[str, object]] = {}
+    for node in nodes:
+        path = state.node_token(node.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        tokens[path.read_text().strip()] = {"namespace": "istio-system", "serviceAccount": "ztunnel",
+                                            "node": node.name, "nodeProxy": True}
+    state.bootstrap_tokens.write_text(json.dumps(tokens, indent=2))
+    state.bootstrap_tokens.chmod(0o600)
 
 
 def current_state_dir() -> Path | None:
@@ -119,6 +136,7 @@ def up(state_dir: Path, node_count: int) -> ClusterInfo:
         target = conf_dir / "10-ambient-local.conflist"
         if not target.exists():
             target.write_text(json.dumps(conflist(state, node), indent=2))
+    _write_bootstrap_tokens(state, nodes)
     network.setup(nodes, state.root)
     state.logs.mkdir(parents=True, exist_ok=True)
     with (state.logs / "supervisor.log").open("ab") as out:
@@ -148,11 +166,13 @@ def _wait_ready(state: StateDir) -> ClusterInfo:
                     ready_nodes = {n["metadata"]["name"] for n in items if any(
                         c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))}
                     missing = [n.name for n in nodes if n.name not in ready_nodes]
-                    agents = [n.name for n in nodes if not await _agent_ready(n)]
-                    if not missing and not agents:
+                    agents = [n.name for n in nodes if not await _http_ready(n.ip, AGENT_HEALTH_PORT, "/readyz")]
+                    control = await _http_ready(network.HOST_IP, CONTROL_MONITORING_PORT, "/ready")
+                    if not missing and not agents and control:
                         return ""
                     last = (f"nodes not ready: {', '.join(missing)}" if missing else
-                            f"CNI agents not ready on: {', '.join(agents)}")
+                            f"CNI agents not ready on: {', '.join(agents)}" if agents else
+                            "ambient-control not ready")
                 except ApiError as exc:
                     last = str(exc)
                 await asyncio.sleep(0.1)
@@ -166,13 +186,13 @@ def _wait_ready(state: StateDir) -> ClusterInfo:
                        record.pid if record else None)
 
 
-async def _agent_ready(node: network.NodeNet) -> bool:
+async def _http_ready(host: str, port: int, path: str) -> bool:
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(node.ip, AGENT_HEALTH_PORT), 1)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
     except (OSError, TimeoutError):
         return False
     try:
-        writer.write(b"GET /readyz HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         return (await asyncio.wait_for(reader.readline(), 1)).startswith(b"HTTP/1.1 200")
     except (OSError, TimeoutError):

@@ -44,6 +44,21 @@ class StateDir:
         return self.root / "pki" / "admin.token"
 
     @property
+    def mesh_ca_dir(self) -> Path:  # the mesh CA (ambient-control's), apart from the API server's PKI
+        return self.root / "pki" / "mesh-ca"
+
+    @property
+    def mesh_root_cert(self) -> Path:  # what ztunnels and waypoints trust
+        return self.root / "pki" / "mesh-root.pem"
+
+    @property
+    def bootstrap_tokens(self) -> Path:  # token → identity for ambient-control's callers
+        return self.root / "pki" / "bootstrap-tokens.json"
+
+    def node_token(self, node: str) -> Path:  # the token a node's ztunnel presents to ambient-control
+        return self.node(node) / "ztunnel" / "token"
+
+    @property
     def supervisor_pid(self) -> Path:
         return self.root / "supervisor.pid"
 

@@ -116,6 +116,16 @@ class Child:
         self.pid_path.unlink(missing_ok=True)
 
 
+def control_child(state: StateDir) -> Child:
+    """ambient-control on the host, reachable from every node at the host bridge address."""
+    argv = [sys.executable, "-m", "ambient.control.main", "--kubeconfig", str(state.kubeconfig),
+            "--listen", HOST_IP, "--serving-ip", HOST_IP, "--ca-dir", str(state.mesh_ca_dir),
+            "--bootstrap-tokens", str(state.bootstrap_tokens), "--root-cert-out", str(state.mesh_root_cert),
+            # Until the waypoint exists, waypoint pods run a stand-in that answers readiness on 15021.
+            "--waypoint-command", f"{sys.executable} -m ambient.local.standin_waypoint"]
+    return Child("ambient-control", argv, state)
+
+
 def node_children(state: StateDir, node: NodeNet) -> list[Child]:
     """What runs on each simulated node, inside the node's network namespace. `nsenter --net` switches
     only the network namespace: they share the host's mount namespace, so the pod namespaces the kubelet
@@ -153,7 +163,7 @@ async def main_async(state: StateDir) -> None:
                      upstreams=upstreams_from_resolv_conf("/etc/resolv.conf", skip=[HOST_IP, KUBE_DNS_IP]))
     await dns.start()
     controllers = Controllers(client, zone)
-    children = [child for i in config["nodes"] for child in node_children(state, NodeNet(i))]
+    children = [control_child(state), *(child for i in config["nodes"] for child in node_children(state, NodeNet(i)))]
     log.info("control plane up: API https://%s:%d, DNS %s:53, %d node(s)", HOST_IP, API_PORT, HOST_IP,
              len(config["nodes"]))
     cancel_on_signals()
