@@ -18,11 +18,12 @@ import os
 import socket
 import stat
 from array import array
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ambient.aio import OwnedTasks
 from cni.zds import (
     MAX_MESSAGE_SIZE,
     AddWorkload,
@@ -159,30 +160,6 @@ class SeqpacketChannel:
             self._waiters.discard(fut)
             if not self.closed:
                 remove(self._fd)
-
-
-class OwnedTasks:
-    """Background tasks kept referenced until done; failures logged; cancelled together."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
-        return task
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
-
-    async def cancel_all(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _fail(fut: asyncio.Future[Any] | None, error: ZdsError) -> None:
@@ -350,7 +327,7 @@ class ZdsServer:
         self._inode = 0
         self._connections: list[ZtunnelConnection] = []  # in accept order: the last is the newest
         self._numbers = itertools.count(1)
-        self._tasks = OwnedTasks()
+        self._tasks = OwnedTasks(log)
         self.ready = asyncio.Event()  # set while some connection has completed its snapshot
 
     async def start(self) -> None:

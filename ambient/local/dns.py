@@ -21,12 +21,14 @@ import errno
 import ipaddress
 import logging
 import struct
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dnslib import AAAA, OPCODE, QTYPE, RCODE, RR, A, DNSBuffer, DNSHeader, DNSQuestion, DNSRecord
+
+from ambient.aio import OwnedTasks
 
 log = logging.getLogger(__name__)
 
@@ -354,38 +356,6 @@ class DNSStats:
     servfail: int = 0
 
 
-class _OwnedTasks:
-    """Background tasks the server owns: referenced until done, failures logged, cancelled on close."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
-
-    def add_current(self) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("cluster DNS task %s failed", task.get_name(), exc_info=task.exception())
-
-    async def cancel_all(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 class _ClientProtocol(asyncio.DatagramProtocol):
     """Serves the UDP socket by handing each datagram to the server."""
 
@@ -445,8 +415,8 @@ class ClusterDNS:
         self.stats = DNSStats()
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self._forwards = _OwnedTasks()
-        self._connections = _OwnedTasks()
+        self._forwards = OwnedTasks(log)
+        self._connections = OwnedTasks(log)
         self._tcp_writers: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> ClusterDNS:
