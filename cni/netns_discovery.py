@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from cni.rules.netns import in_netns
+from ambient.netns import in_netns
 
 
 def _uid_forms(uid: str) -> tuple[str, str]:

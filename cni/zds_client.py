@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ambient.aio import cancel_on_signals
-from cni.zds import (
+from ambient.zds.channel import Datagram, SeqpacketChannel
+from ambient.zds.protocol import (
     DEFAULT_SOCKET_PATH,
     AddWorkload,
     ClientConnection,
@@ -34,7 +35,6 @@ from cni.zds import (
     ZdsProtocolError,
     decode_request,
 )
-from cni.zds_server import Datagram, SeqpacketChannel
 
 log = logging.getLogger("cni.zds_client")
 

@@ -1,8 +1,8 @@
 """The node agent's ZDS server: hands pod network namespaces to ztunnel (PROTOCOLS.md §4).
 
-An asyncio shell around `cni.zds.ServerConnection`: it listens on a `SOCK_SEQPACKET` unix socket, sends
+An asyncio shell around `ambient.zds.protocol.ServerConnection`: it listens on a `SOCK_SEQPACKET` unix socket, sends
 each connecting ztunnel the snapshot of enrolled pods (add with the netns fd, or keep), then adds (to the
-newest connection) and deletes (to all). Protocol decisions live in `cni.zds`; this module owns sockets,
+newest connection) and deletes (to all). Protocol decisions live in `ambient.zds.protocol`; this module owns sockets,
 fds, timers and tasks. It must not know about Kubernetes: callers pass uids, `WorkloadInfo` and paths.
 
 There is no keepalive timer: every connection has a reader waiting on its socket at all times, so a peer
@@ -17,15 +17,13 @@ import logging
 import os
 import socket
 import stat
-from array import array
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ambient.aio import OwnedTasks
-from cni.zds import (
-    MAX_MESSAGE_SIZE,
+from ambient.zds.channel import Datagram, SeqpacketChannel
+from ambient.zds.protocol import (
     AddWorkload,
     DelWorkload,
     Hello,
@@ -45,7 +43,6 @@ __all__ = ["ACK_TIMEOUT", "Datagram", "SeqpacketChannel", "SnapshotEntry", "Work
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 5.0  # istio-cni's read/write deadline per ZDS request
-MAX_RECEIVED_FDS = 4  # room to count a wrong number of fds (ztunnel rejects 2) instead of truncating at 1
 ACCEPT_ERROR_PAUSE = 0.1  # after accept() fails (EMFILE...), so the loop does not spin
 
 SnapshotEntry = tuple[str, WorkloadInfoLike, str | None]  # (pod uid, info, netns path; None → keep)
@@ -53,113 +50,6 @@ SnapshotSource = Callable[[], Awaitable[Sequence[SnapshotEntry]]]
 
 
 # --- SOCK_SEQPACKET datagrams with SCM_RIGHTS (shared with cni.zds_client) ------------------------------
-
-
-@dataclass(frozen=True)
-class Datagram:
-    data: bytes
-    fds: list[int]  # received fds, now owned by the receiver
-    truncated: bool  # MSG_TRUNC or MSG_CTRUNC: the message is unusable
-
-
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array("i")
-            received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
-            fds.extend(received)
-    return fds
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class SeqpacketChannel:
-    """A non-blocking `SOCK_SEQPACKET` socket: whole datagrams in and out, fds as `SCM_RIGHTS`.
-
-    Built on `add_reader`/`add_writer`, so it works on asyncio's loop and on uvloop (neither offers
-    `sock_recvmsg`). `close()` wakes any waiting `recv`/`send` with `ZdsError("closed")`.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self._sock = sock
-        self._fd = sock.fileno()
-        self._waiters: set[asyncio.Future[None]] = set()
-        self.closed = False
-
-    @classmethod
-    async def connect(cls, path: str) -> SeqpacketChannel:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, path)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    async def recv(self) -> Datagram | None:
-        """The next datagram, or None once the peer has closed."""
-        while True:
-            self._check_open()
-            try:
-                data, ancdata, flags, _ = self._sock.recvmsg(
-                    MAX_MESSAGE_SIZE, socket.CMSG_SPACE(MAX_RECEIVED_FDS * array("i").itemsize),
-                    socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, InterruptedError):
-                await self._wait(writable=False)
-                continue
-            except OSError as e:
-                raise ZdsError("disconnected", f"receive failed: {e.strerror or e}") from None
-            fds = _fds_from(ancdata)
-            if not data and not fds:
-                return None  # every ZDS message encodes to at least two bytes, so empty means EOF
-            return Datagram(data, fds, truncated=bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)))
-
-    async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds).tobytes())] if fds else []
-        while True:
-            self._check_open()
-            try:
-                self._sock.sendmsg([data], rights)
-                return
-            except (BlockingIOError, InterruptedError):
-                await self._wait(writable=True)
-            except OSError as e:
-                raise ZdsError("disconnected", f"send failed: {e.strerror or e}") from None
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for fut in self._waiters:
-            loop = fut.get_loop()
-            loop.remove_reader(self._fd)
-            loop.remove_writer(self._fd)
-            if not fut.done():
-                fut.set_exception(ZdsError("closed", "connection closed"))
-        self._sock.close()
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ZdsError("closed", "connection closed")
-
-    async def _wait(self, *, writable: bool) -> None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
-        add(self._fd, _wake, fut)
-        self._waiters.add(fut)
-        try:
-            await fut
-        finally:
-            self._waiters.discard(fut)
-            if not self.closed:
-                remove(self._fd)
 
 
 def _fail(fut: asyncio.Future[Any] | None, error: ZdsError) -> None:

@@ -4,12 +4,12 @@ a network namespace. See cni/docs/rules.md for what ends up where and how to loo
 
 from __future__ import annotations
 
+from ambient.netns import NetnsError, in_netns
 from cni.rules.errors import RuleError
 from cni.rules.hostprobe import HostProbe
 from cni.rules.inpod import InpodRules
 from cni.rules.iptables import render_host_iptables, render_iptables
 from cni.rules.model import PodRuleConfig
-from cni.rules.netns import NetnsError, in_netns
 from cni.rules.nftables import render_host_nftables, render_nftables
 
 __all__ = [

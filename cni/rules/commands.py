@@ -12,8 +12,8 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
+from ambient.netns import netns_path
 from cni.rules.errors import BACKEND_UNAVAILABLE, COMMAND_FAILED, NETNS_MISSING, TOOL_MISSING, RuleError
-from cni.rules.netns import netns_path
 
 log = logging.getLogger("cni.rules")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import os
 
+from ambient.netns import netns_path
 from cni.rules import iptables, netlink, nftables
 from cni.rules.commands import IPTABLES, XTABLES_WAIT, have, iptables_tool, resolve_backend, run
 from cni.rules.errors import NETNS_MISSING, RuleError
 from cni.rules.model import FAMILIES, POD_CHAINS, PodRuleConfig, pod_rules
-from cni.rules.netns import netns_path
 
 log = logging.getLogger("cni.rules")
 

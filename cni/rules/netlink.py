@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ambient.netns import NetnsError, in_netns
 from cni.rules.errors import NETLINK_FAILED, NETNS_MISSING, RuleError
 from cni.rules.model import ADDRESSES, FAMILIES, ROUTE_TABLE, RULE_PRIORITY, Family
-from cni.rules.netns import NetnsError, in_netns
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from cni.zds import (
+from ambient.zds.protocol import (
     AddWorkload,
     SnapshotSent,
     WorkloadInfo,

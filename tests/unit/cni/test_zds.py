@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cni.zds import (
+from ambient.zds.protocol import (
     MAX_MESSAGE_SIZE,
     AddWorkload,
     ClientConnection,
