@@ -145,8 +145,11 @@ def node_children(state: StateDir, node: NodeNet) -> list[Child]:
                 "--cni-bin-dir", str(state.cni_bin_dir(node.name)),
                 "--plugin-kubeconfig", str(state.kubeconfig), "--exclude-namespaces", "kube-system,istio-system",
                 "--drift-interval", str(DRIFT_INTERVAL)),
-        # Until ztunnel exists, a stand-in that plays ztunnel's side of ZDS (acks every pod).
-        on_node("ztunnel", "cni.zds_client", "--socket", str(paths.zds_socket)),
+        on_node("ztunnel", "ztunnel.main", "--node-name", node.name, "--node-ip", node.ip,
+                "--xds-address", f"{HOST_IP}:15012", "--ca-address", f"{HOST_IP}:15012",
+                "--root-cert", str(state.mesh_root_cert), "--token-path", str(state.node_token(node.name)),
+                "--zds-socket", str(paths.zds_socket), "--admin-address", f"{node.ip}:15000",
+                "--listen-ip", node.ip, "--dns-upstream", f"{HOST_IP}:53"),
     ]
 
 

@@ -1,0 +1,343 @@
+"""ztunnel's wiring: the xDS store, certificates, the ZDS-driven pod manager and the handlers of each
+pod's ports. Where each thing runs (see docs/ztunnel.md): one asyncio loop per worker process carries
+control work (xDS, certificates, admin) and the data path; rendering metrics walks totals on demand.
+
+Handlers, per PROTOCOLS §6-§7:
+- 15001 outbound: original destination → `decide_outbound` → HBONE (pooled, from the pod's identity) or
+  plain TCP from the pod's netns; every socket marked 1337.
+- 15008 inbound HBONE: the authority must be this pod's IP; authorize with the peer's identity; connect
+  to the app from the caller's IP (IP_TRANSPARENT); relay.
+- 15006 inbound plaintext: authorize with no identity (STRICT denies it); connect from the caller's IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from ambient.hbone.client import HboneClient
+from ambient.hbone.errors import HboneError
+from ambient.hbone.server import ConnectRequest, HboneServer
+from ambient.identity.ca_client import CaClient, CaClientConfig, token_from_file
+from ambient.identity.certs import WorkloadCertificate
+from ambient.identity.manager import CertificateManager
+from ambient.identity.spiffe import SpiffeId
+from ambient.netns import NetnsExecutor
+from ambient.proto import workload_pb2
+from ambient.xds.client import ClientConfig, XdsClient
+from ambient.xds.store import WorkloadSnapshot, WorkloadStore
+from ambient.xds.types import ztunnel_node_id
+from ambient.zds.protocol import WorkloadInfoLike
+from ztunnel import accesslog, authz, decision
+from ztunnel.admin import ConnectionEntry, WorkloadState
+from ztunnel.config import CONNECT_TIMEOUT, DRAIN_DEADLINE, WORKLOAD_WAIT, ZtunnelConfig
+from ztunnel.dns import DnsProxy
+from ztunnel.metrics import ZtunnelMetrics, labels_for
+from ztunnel.proxy import sockets
+from ztunnel.proxy.pod import PodProxy
+from ztunnel.proxy.relay import TcpStream, relay
+
+log = logging.getLogger("ztunnel")
+
+
+def spiffe_of(workload: workload_pb2.Workload, trust_domain: str) -> SpiffeId:
+    return SpiffeId(workload.trust_domain or trust_domain, workload.namespace, workload.service_account)
+
+
+class Ztunnel:
+    def __init__(self, config: ZtunnelConfig) -> None:
+        self.config_ = config
+        self.store = WorkloadStore()
+        root = Path(config.root_cert).read_bytes()
+        self.xds = XdsClient(ClientConfig(
+            address=config.xds_address, node_id=ztunnel_node_id(config.node_ip, "ztunnel", "istio-system"),
+            cluster_id=config.cluster_id, token_file=Path(config.token_path), root_cert=root,
+            server_name=config.server_name), self.store)
+        self.ca = CaClient(CaClientConfig(address=config.ca_address, root_pem=root.decode(),
+                                          server_name=config.server_name, cluster_id=config.cluster_id,
+                                          impersonate=True), token_from_file(config.token_path))
+        self.certs = CertificateManager(self.ca)
+        self.pods: dict[str, PodProxy] = {}
+        self.hbone = HboneClient()
+        self.metrics = ZtunnelMetrics()
+        self.access = accesslog.AccessLog(config.log_format)
+        self.snapshot_seen = asyncio.Event()
+
+    def snapshot(self) -> WorkloadSnapshot:
+        return self.store.snapshot
+
+    # -- pods (ZDS) ------------------------------------------------------------------------------------
+    async def add_pod(self, uid: str, info: WorkloadInfoLike | None, netns_fd: int) -> None:
+        if info is None:
+            raise ValueError(f"pod {uid}: add without workload info")
+        existing = self.pods.get(uid)
+        netns = NetnsExecutor(netns_fd, name=f"pod-{info.name}")
+        if existing is not None:
+            if existing.netns.inode == netns.inode:
+                netns.close()
+                return  # same pod, same netns: nothing to do
+            await self.remove_pod(uid)
+        pod = PodProxy(uid, info.name, info.namespace, info.service_account, netns)
+        # During the pod's CNI ADD its IP is not in the API yet, so xDS may not have its workload: open the
+        # listeners now (the agent waits for our ack) and resolve the workload per connection.
+        pod.workload = self._lookup(pod)
+        try:
+            await pod.start({"outbound": self.handle_outbound, "plaintext": self.handle_plaintext},
+                            dns=self.config_.dns_capture, extra=self._start_inbound)
+        except OSError as exc:
+            await pod.stop(0)
+            raise RuntimeError(f"cannot open listeners in pod {info.namespace}/{info.name}: {exc}") from None
+        self.pods[uid] = pod
+        self.certs.prefetch(SpiffeId(self.config_.trust_domain, info.namespace, info.service_account))
+        log.info("pod %s/%s added (uid %s)", info.namespace, info.name, uid)
+
+    def _lookup(self, pod: PodProxy) -> workload_pb2.Workload | None:
+        """The pod's workload as xDS knows it now, by (name, namespace, service account)."""
+        if pod.workload is not None:
+            fresh = self.snapshot().workloads.get(pod.workload.uid)
+            if fresh is not None:
+                pod.workload = fresh
+                return fresh
+        for workload in self.snapshot().workloads.values():
+            if (workload.name, workload.namespace, workload.service_account) == (
+                    pod.name, pod.namespace, pod.service_account):
+                pod.workload = workload
+                return workload
+        return None
+
+    async def _workload(self, pod: PodProxy) -> workload_pb2.Workload | None:
+        """`_lookup`, waiting up to 5 s for a pod whose workload has not arrived over xDS yet."""
+        deadline = time.monotonic() + WORKLOAD_WAIT
+        while (workload := self._lookup(pod)) is None or not workload.addresses:
+            if time.monotonic() > deadline:
+                log.warning("pod %s/%s: no workload from xDS after %.0fs", pod.namespace, pod.name, WORKLOAD_WAIT)
+                return workload
+            await asyncio.sleep(0.05)
+        return workload
+
+    async def keep_pod(self, uid: str) -> None:
+        if uid not in self.pods:
+            log.info("keep for unknown pod %s: nothing to keep", uid)
+
+    async def remove_pod(self, uid: str) -> None:
+        pod = self.pods.pop(uid, None)
+        if pod is not None:
+            await pod.stop(DRAIN_DEADLINE)
+            log.info("pod %s/%s removed", pod.namespace, pod.name)
+
+    async def retain_only(self, uids: set[str]) -> None:
+        for uid in set(self.pods) - uids:
+            await self.remove_pod(uid)
+
+    def snapshot_received(self) -> None:
+        self.snapshot_seen.set()
+
+    async def _cert(self, workload: workload_pb2.Workload) -> WorkloadCertificate:
+        return await self.certs.fetch(spiffe_of(workload, self.config_.trust_domain))
+
+    # -- 15001 outbound --------------------------------------------------------------------------------
+    async def handle_outbound(self, pod: PodProxy, conn: socket.socket) -> None:
+        started = time.monotonic()
+        dst_ip, dst_port = sockets.original_destination(conn)
+        src_ip, src_port = conn.getpeername()[:2]
+        source = await self._workload(pod)
+        if source is None:
+            log.warning("pod %s/%s: outbound before its workload is known; refusing", pod.namespace, pod.name)
+            return
+        choice = decision.decide_outbound(self.snapshot(), source, dst_ip, dst_port)
+        pod.counts.outbound += 1
+        labels = labels_for(source, choice.destination_workload, choice.destination_service,
+                            str(spiffe_of(source, self.config_.trust_domain)),
+                            choice.expected_identities[0] if choice.expected_identities else None,
+                            "source", choice.kind == decision.Kind.HBONE)
+        counters = self.metrics.tcp.open(labels)
+        client = await TcpStream.from_socket(conn)
+        entry = ConnectionEntry(_hostport(src_ip, src_port), _hostport(*choice.target),
+                                "HBONE" if choice.kind == decision.Kind.HBONE else "TCP", _hostport(dst_ip, dst_port))
+        pod.outbound[id(entry)] = entry
+        error = ""
+        try:
+            if choice.kind == decision.Kind.DENY:
+                error = choice.reason
+                return
+            upstream: Any
+            if choice.kind == decision.Kind.HBONE:
+                cert = await self._cert(source)
+                target_ip = choice.target[0]
+                assert choice.authority is not None
+                upstream = await asyncio.wait_for(self.hbone.connect(
+                    cert, choice.target, choice.authority, list(choice.expected_identities),
+                    headers={"forwarded": f'for="{_hostport(src_ip, src_port)}"'}, local_bind=src_ip,
+                    socket_factory=lambda: pod.netns.run(lambda: sockets.outbound(target_ip))), CONNECT_TIMEOUT)
+            else:
+                sock = await pod.netns.call(lambda: sockets.outbound(choice.target[0]))
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, choice.target), CONNECT_TIMEOUT)
+                upstream = await TcpStream.from_socket(sock)
+            await relay(client, upstream, counters.add_sent, counters.add_received)
+        except (OSError, HboneError, TimeoutError) as exc:
+            error = f"connection to {choice.target[0]}:{choice.target[1]} failed: {exc}"
+        finally:
+            pod.outbound.pop(id(entry), None)
+            client.close()
+            counters.close(failed=bool(error), response_flags="CONNECT" if error else "-")
+            hbone = _split(choice.authority) if choice.authority and choice.kind == decision.Kind.HBONE else None
+            self.access.connection(direction="outbound", src=(src_ip, src_port),
+                                   dst=choice.target if hbone else (dst_ip, dst_port), hbone=hbone,
+                                   labels=labels, sent=counters.sent, received=counters.received,
+                                   duration=time.monotonic() - started, error=error)
+
+    # -- 15008 inbound HBONE ---------------------------------------------------------------------------
+    async def _start_inbound(self, pod: PodProxy) -> None:
+        assert pod.listeners is not None
+
+        def cert_for(_: str) -> Any:
+            return self.certs.fetch(SpiffeId(self.config_.trust_domain, pod.namespace, pod.service_account))
+
+        server = HboneServer(cert_for, lambda request: self.handle_inbound(pod, request))
+        pod.tasks.spawn(server.serve(pod.listeners.inbound), name=f"{pod.name}-hbone")
+        pod.closers.append(server.close)
+        if pod.listeners.dns_udp is not None and pod.listeners.dns_tcp is not None:
+            def upstream_socket(family: socket.AddressFamily) -> socket.socket:
+                # In the pod's netns and marked, so the forwarded query is not captured again.
+                return pod.netns.run(lambda: sockets.udp(family))
+
+            proxy = DnsProxy(self.snapshot, self.config_.dns_upstreams, namespace=pod.namespace,
+                             upstream_socket=upstream_socket)
+            await proxy.serve_udp(pod.listeners.dns_udp)
+            await proxy.serve_tcp(pod.listeners.dns_tcp)
+            pod.closers.append(proxy.close)
+
+    async def handle_inbound(self, pod: PodProxy, request: ConnectRequest) -> None:
+        started = time.monotonic()
+        workload = await self._workload(pod)
+        host, port = request.target
+        src_ip, src_port = request.peer_addr[:2]
+        if workload is None or host not in pod.ips:
+            request.respond(400)
+            return
+        if port in (15001, 15006, 15008):
+            log.warning("attempted recursive call to ourselves: %s", request.authority)
+            request.respond(400)
+            return
+        pod.counts.inbound += 1
+        identity = request.peer_identity
+        verdict = authz.authorize(self.snapshot(), workload, authz.ConnectionInfo(
+            src_ip=src_ip, dst_ip=host, dst_port=port, src_identity=identity))
+        source = self.snapshot().workload_by_ip(src_ip)
+        labels = labels_for(source, workload, None, identity, str(spiffe_of(workload, self.config_.trust_domain)),
+                            "destination", True)
+        counters = self.metrics.tcp.open(labels)
+        entry = ConnectionEntry(_hostport(src_ip, src_port), request.authority, "HBONE", None, identity)
+        pod.inbound[id(entry)] = entry
+        error = ""
+        try:
+            if not verdict.allowed:
+                error = verdict.reason
+                log.info("connection denied: %s", verdict.reason)
+                request.respond(401)
+                return
+            try:
+                app = await self._connect_app(pod, src_ip, host, port)
+            except (OSError, TimeoutError) as exc:
+                error = f"connection to {host}:{port} failed: {exc}"
+                request.respond(503)
+                return
+            stream = request.respond(200)
+            await relay(stream, app, counters.add_received, counters.add_sent)
+        finally:
+            pod.inbound.pop(id(entry), None)
+            counters.close(failed=bool(error), response_flags="DENY" if error and not verdict.allowed else
+                           ("CONNECT" if error else "-"))
+            self.access.connection(direction="inbound", src=(src_ip, src_port), dst=(host, port), hbone=None,
+                                   labels=labels, sent=counters.sent, received=counters.received,
+                                   duration=time.monotonic() - started, error=error)
+
+    async def _connect_app(self, pod: PodProxy, client_ip: str, host: str, port: int) -> TcpStream:
+        """To the pod's app, from the caller's IP (PROTOCOLS §6: IP_TRANSPARENT + connmark)."""
+        transparent = client_ip not in pod.ips
+
+        def make() -> socket.socket:
+            return sockets.outbound(host, client_ip if transparent else None, transparent=transparent)
+
+        sock = await pod.netns.call(make)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        return await TcpStream.from_socket(sock)
+
+    # -- 15006 inbound plaintext -----------------------------------------------------------------------
+    async def handle_plaintext(self, pod: PodProxy, conn: socket.socket) -> None:
+        started = time.monotonic()
+        dst_ip, dst_port = sockets.original_destination(conn)
+        src_ip, src_port = conn.getpeername()[:2]
+        workload = await self._workload(pod)
+        client = await TcpStream.from_socket(conn)
+        if workload is None:
+            client.close()
+            return
+        pod.counts.inbound += 1
+        verdict = authz.authorize(self.snapshot(), workload, authz.ConnectionInfo(
+            src_ip=src_ip, dst_ip=dst_ip, dst_port=dst_port, src_identity=None))
+        labels = labels_for(self.snapshot().workload_by_ip(src_ip), workload, None, None,
+                            str(spiffe_of(workload, self.config_.trust_domain)), "destination", False)
+        counters = self.metrics.tcp.open(labels)
+        entry = ConnectionEntry(_hostport(src_ip, src_port), _hostport(dst_ip, dst_port), "TCP")
+        pod.inbound[id(entry)] = entry
+        error = ""
+        try:
+            if not verdict.allowed:
+                error = verdict.reason
+                log.info("connection denied: %s", verdict.reason)
+                return
+            app = await self._connect_app(pod, src_ip, dst_ip, dst_port)
+            await relay(client, app, counters.add_received, counters.add_sent)
+        except (OSError, TimeoutError) as exc:
+            error = f"connection to {dst_ip}:{dst_port} failed: {exc}"
+        finally:
+            pod.inbound.pop(id(entry), None)
+            client.close()
+            counters.close(failed=bool(error), response_flags="DENY" if error and not verdict.allowed else
+                           ("CONNECT" if error else "-"))
+            self.access.connection(direction="inbound", src=(src_ip, src_port), dst=(dst_ip, dst_port), hbone=None,
+                                   labels=labels, sent=counters.sent, received=counters.received,
+                                   duration=time.monotonic() - started, error=error)
+
+    # -- admin state (ztunnel.admin.StateProvider) ----------------------------------------------------
+    def certificates(self) -> list[Any]:
+        return list(self.certs.snapshot())
+
+    def workload_states(self) -> dict[str, WorkloadState]:
+        return {uid: WorkloadState(p.name, p.namespace, p.service_account, "Up" if p.listeners else "Pending",
+                                   tuple(p.inbound.values()), tuple(p.outbound.values()))
+                for uid, p in self.pods.items()}
+
+    def config(self) -> dict[str, Any]:
+        c = self.config_
+        return {"nodeName": c.node_name, "nodeIp": c.node_ip, "xdsAddress": c.xds_address,
+                "caAddress": c.ca_address, "clusterId": c.cluster_id, "trustDomain": c.trust_domain,
+                "zdsSocket": c.zds_socket, "dnsCapture": c.dns_capture, "workers": c.workers}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def drain(self) -> None:
+        await asyncio.gather(*(self.remove_pod(uid) for uid in list(self.pods)), return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.hbone.close()
+        await self.certs.close()
+        await self.ca.close()
+
+
+def _split(authority: str) -> tuple[str, int]:
+    host, _, port = authority.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ipaddress.ip_address(ip).version == 6 else f"{ip}:{port}"

@@ -1,0 +1,76 @@
+"""ztunnel's configuration: one frozen object built once from flags and the environment variables
+Istio's ztunnel uses (where they exist), every default a named constant with its reason."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"  # PROTOCOLS §4
+CA_ADDRESS = "istiod.istio-system.svc:15012"  # istiod's port (PROTOCOLS §1)
+XDS_ADDRESS = "istiod.istio-system.svc:15012"
+CONTROL_SERVER_NAME = "istiod.istio-system.svc"  # the SAN ztunnel verifies on 15012
+TOKEN_PATH = "/var/run/secrets/tokens/istio-token"
+ROOT_CERT = "/var/run/secrets/istio/root-cert.pem"
+CLUSTER_ID = "Kubernetes"
+TRUST_DOMAIN = "cluster.local"
+ADMIN_PORT = 15000  # PROTOCOLS §1
+METRICS_PORT = 15020
+READINESS_PORT = 15021
+OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, DNS_PORT = 15001, 15006, 15008, 15053
+WORKLOAD_WAIT = 5.0  # seconds to wait for a new pod's workload to arrive over xDS (as ztunnel)
+DRAIN_DEADLINE = 5.0  # seconds open connections get after SIGTERM before they are closed
+CONNECT_TIMEOUT = 10.0  # seconds for outbound TCP/HBONE connects
+
+
+@dataclass(frozen=True)
+class ZtunnelConfig:
+    node_name: str
+    node_ip: str
+    xds_address: str = XDS_ADDRESS
+    ca_address: str = CA_ADDRESS
+    server_name: str = CONTROL_SERVER_NAME
+    root_cert: str = ROOT_CERT
+    token_path: str = TOKEN_PATH
+    cluster_id: str = CLUSTER_ID
+    trust_domain: str = TRUST_DOMAIN
+    zds_socket: str = ZDS_SOCKET
+    admin_address: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
+    metrics_address: tuple[str, int] = ("0.0.0.0", METRICS_PORT)
+    readiness_address: tuple[str, int] = ("0.0.0.0", READINESS_PORT)
+    dns_capture: bool = True
+    dns_upstreams: tuple[str, ...] = ()
+    log_format: str = "text"
+    workers: int = 1
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ZtunnelConfig, str]:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="ztunnel", description="ambient node L4 proxy (Istio ztunnel, in-pod mode)")
+    p.add_argument("--node-name", default=env.get("NODE_NAME", ""))
+    p.add_argument("--node-ip", default=env.get("INSTANCE_IP", ""))
+    p.add_argument("--xds-address", default=env.get("XDS_ADDRESS", XDS_ADDRESS))
+    p.add_argument("--ca-address", default=env.get("CA_ADDRESS", CA_ADDRESS))
+    p.add_argument("--server-name", default=env.get("XDS_SERVER_NAME", CONTROL_SERVER_NAME))
+    p.add_argument("--root-cert", default=env.get("XDS_ROOT_CA", ROOT_CERT))
+    p.add_argument("--token-path", default=env.get("TOKEN_PATH", TOKEN_PATH))
+    p.add_argument("--cluster-id", default=env.get("CLUSTER_ID", CLUSTER_ID))
+    p.add_argument("--trust-domain", default=env.get("TRUST_DOMAIN", TRUST_DOMAIN))
+    p.add_argument("--zds-socket", default=env.get("INPOD_UDS", ZDS_SOCKET))
+    p.add_argument("--admin-address", default=f"127.0.0.1:{ADMIN_PORT}")
+    p.add_argument("--listen-ip", default="0.0.0.0", help="address of the metrics and readiness ports")
+    p.add_argument("--dns-upstream", action="append", default=[])
+    p.add_argument("--log-format", choices=["text", "json"], default=env.get("LOG_FORMAT", "text"))
+    p.add_argument("--log-level", default=env.get("RUST_LOG", "info"))
+    p.add_argument("--workers", type=int, default=1)
+    a = p.parse_args(argv)
+    if not a.node_name:
+        p.error("--node-name (or $NODE_NAME) is required: ztunnel serves the pods of its own node")
+    host, _, port = a.admin_address.rpartition(":")
+    return ZtunnelConfig(
+        node_name=a.node_name, node_ip=a.node_ip, xds_address=a.xds_address, ca_address=a.ca_address,
+        server_name=a.server_name, root_cert=a.root_cert, token_path=a.token_path, cluster_id=a.cluster_id,
+        trust_domain=a.trust_domain, zds_socket=a.zds_socket, admin_address=(host, int(port)),
+        metrics_address=(a.listen_ip, METRICS_PORT), readiness_address=(a.listen_ip, READINESS_PORT),
+        dns_upstreams=tuple(a.dns_upstream), log_format=a.log_format, workers=a.workers), a.log_level
