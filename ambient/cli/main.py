@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from ambient.cli import manifests
+from ambient.cli import manifests, ztunnel_config
 from ambient.cli.printers import table
 from ambient.kube.client import KubeClient, KubeConfig, KubeConfigError
 from ambient.kube.errors import ApiError
@@ -649,6 +649,9 @@ def _duration(text: str) -> float:
     if text.replace(".", "", 1).isdigit():
         return float(text)
     raise CliError(f"invalid --timeout {text!r}: use a duration such as 30s or 2m")
+
+
+ztunnel_config.register(cli)
 
 
 def main() -> None:

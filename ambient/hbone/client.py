@@ -265,7 +265,9 @@ class HboneClient:
             conn = await self._dial(slot, cert, socket_factory)
         except asyncio.CancelledError:
             self._book.retire(slot)
-            ready.cancel()
+            ready.set_exception(ConnectError(f"connection to {where} abandoned: the HBONE client is closing",
+                                             "client_closed"))
+            ready.exception()
             raise
         except Exception as exc:
             self._book.retire(slot)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -90,6 +91,19 @@ class _H2(H2Connection):
         return [], [event]
 
 
+_per_thread = threading.local()
+
+
+def _receive_buffer(size: int) -> memoryview:
+    """One receive buffer per thread, shared by its connections: the transport fills it and calls
+    `buffer_updated` in the same callback, and h2 copies the bytes out before returning, so connections
+    never see each other's data and an idle connection costs no buffer."""
+    view: memoryview | None = getattr(_per_thread, "receive", None)
+    if view is None or len(view) != size:
+        view = _per_thread.receive = memoryview(bytearray(size))
+    return view
+
+
 def _addr(value: Any) -> tuple[str, int]:
     return (str(value[0]), int(value[1])) if isinstance(value, tuple) and len(value) >= 2 else ("", 0)
 
@@ -117,8 +131,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self._ping_handle: asyncio.TimerHandle | None = None
         self._ping_sent_at: float | None = None
         self._ping_payload = b""
-        self._receive = bytearray(config.receive_buffer)
-        self._receive_view = memoryview(self._receive)
+        self._receive_view = _receive_buffer(config.receive_buffer)
 
     @property
     def peer(self) -> str:
@@ -152,7 +165,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self._ping_handle = self._loop.call_later(self.config.ping_interval, self._ping_tick)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._receive_view
+        return self._receive_view  # shared per thread; see _receive_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(self._receive_view[:nbytes])
