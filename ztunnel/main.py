@@ -81,6 +81,10 @@ async def _stop_when(stop: asyncio.Event) -> None:
 def main() -> None:
     config, level = parse_args()
     setup_logging(config.log_format, level)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run(config))

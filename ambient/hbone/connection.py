@@ -142,7 +142,7 @@ class HboneConnection(asyncio.BufferedProtocol):
     def is_closed(self) -> bool:
         return self.closed.done()
 
-    # -- asyncio.Protocol ------------------------------------------------------------------------
+    # -- asyncio.BufferedProtocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.peer_addr = _addr(transport.get_extra_info("peername"))
@@ -151,9 +151,10 @@ class HboneConnection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=self.config.write_buffer_high)
         h2 = self._h2
         h2.initiate_connection()
-        settings: dict[SettingCodes | int, int] = {SettingCodes.INITIAL_WINDOW_SIZE: self.config.stream_window,
-                    SettingCodes.MAX_FRAME_SIZE: self.config.max_frame_size,
-                    SettingCodes.MAX_HEADER_LIST_SIZE: self.config.max_header_list_size}
+        settings: dict[SettingCodes | int, int] = {
+            SettingCodes.INITIAL_WINDOW_SIZE: self.config.stream_window,
+            SettingCodes.MAX_FRAME_SIZE: self.config.max_frame_size,
+            SettingCodes.MAX_HEADER_LIST_SIZE: self.config.max_header_list_size}
         if h2.config.client_side:
             settings[SettingCodes.ENABLE_PUSH] = 0
         else:
