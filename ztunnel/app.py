@@ -201,7 +201,7 @@ class Ztunnel:
             counters.close(failed=bool(error), response_flags="CONNECT" if error else "-")
             hbone = _split(choice.authority) if choice.authority and choice.kind == decision.Kind.HBONE else None
             self.access.connection(direction="outbound", src=(src_ip, src_port),
-                                   dst=choice.target if hbone else (dst_ip, dst_port), hbone=hbone,
+                                   dst=choice.target, hbone=hbone,
                                    labels=labels, sent=counters.sent, received=counters.received,
                                    duration=time.monotonic() - started, error=error)
 

@@ -163,8 +163,9 @@ def _wait_ready(state: StateDir) -> ClusterInfo:
                     return "the supervisor exited"
                 try:
                     items = (await client.list(node_rt))["items"]
-                    ready_nodes = {n["metadata"]["name"] for n in items if any(
-                        c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))}
+                    ready_nodes = {n["metadata"]["name"] for n in items if any(  # a new node has no status yet
+                        c["type"] == "Ready" and c["status"] == "True"
+                        for c in (n.get("status") or {}).get("conditions", []))}
                     missing = [n.name for n in nodes if n.name not in ready_nodes]
                     agents = [n.name for n in nodes if not await _http_ready(n.ip, AGENT_HEALTH_PORT, "/readyz")]
                     control = await _http_ready(network.HOST_IP, CONTROL_MONITORING_PORT, "/ready")
