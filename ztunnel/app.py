@@ -43,7 +43,7 @@ from ztunnel.dns import DnsProxy
 from ztunnel.metrics import ZtunnelMetrics, labels_for
 from ztunnel.proxy import sockets
 from ztunnel.proxy.pod import PodProxy
-from ztunnel.proxy.relay import TcpStream, relay
+from ztunnel.proxy.relay import ByteStream, TcpStream, relay
 
 log = logging.getLogger("ztunnel")
 
@@ -227,10 +227,10 @@ class Ztunnel:
             pod.closers.append(proxy.close)
 
     async def handle_inbound(self, pod: PodProxy, request: ConnectRequest) -> None:
-        started = time.monotonic()
-        workload = await self._workload(pod)
+        """15008: the authority must be this pod's IP (else 400); then the shared inbound path."""
         host, port = request.target
         src_ip, src_port = request.peer_addr[:2]
+        workload = await self._workload(pod)
         if workload is None or host not in pod.ips:
             request.respond(400)
             return
@@ -238,43 +238,11 @@ class Ztunnel:
             log.warning("attempted recursive call to ourselves: %s", request.authority)
             request.respond(400)
             return
-        pod.counts.inbound += 1
-        identity = request.peer_identity
-        info = authz.ConnectionInfo(src_ip=src_ip, dst_ip=host, dst_port=port, src_identity=identity)
-        verdict = authz.authorize(self.snapshot(), workload, info)
-        source = self.snapshot().workload_by_ip(src_ip)
-        labels = labels_for(source, workload, None, identity, str(spiffe_of(workload, self.config_.trust_domain)),
-                            "destination", True)
-        counters = self.metrics.tcp.open(labels)
-        entry = ConnectionEntry(_hostport(src_ip, src_port), request.authority, "HBONE", None, identity)
-        pod.inbound[id(entry)] = entry
-        error = ""
-        try:
-            if not verdict.allowed:
-                error = verdict.reason
-                log.info("connection denied: %s", verdict.reason)
-                request.respond(401)
-                return
-            try:
-                app = await self._connect_app(pod, src_ip, host, port)
-            except (OSError, TimeoutError) as exc:
-                error = f"connection to {host}:{port} failed: {exc}"
-                request.respond(503)
-                return
-            stream = request.respond(200)
-            tracked = OpenInbound(pod, info, _all(stream.abort, app.close))
-            self.open_inbound.add(tracked)
-            try:
-                await relay(stream, app, counters.add_received, counters.add_sent)
-            finally:
-                self.open_inbound.discard(tracked)
-        finally:
-            pod.inbound.pop(id(entry), None)
-            counters.close(failed=bool(error), response_flags="DENY" if error and not verdict.allowed else
-                           ("CONNECT" if error else "-"))
-            self.access.connection(direction="inbound", src=(src_ip, src_port), dst=(host, port), hbone=None,
-                                   labels=labels, sent=counters.sent, received=counters.received,
-                                   duration=time.monotonic() - started, error=error)
+        entry = ConnectionEntry(_hostport(src_ip, src_port), request.authority, "HBONE", None,
+                                request.peer_identity)
+        await self._inbound(pod, workload, authz.ConnectionInfo(src_ip, host, port, request.peer_identity),
+                            src_port, entry, accept=lambda: request.respond(200), refuse=request.respond)
+
 
     async def _connect_app(self, pod: PodProxy, client_ip: str, host: str, port: int) -> TcpStream:
         """To the pod's app, from the caller's IP (PROTOCOLS §6: IP_TRANSPARENT + connmark)."""
@@ -292,46 +260,63 @@ class Ztunnel:
         return await TcpStream.from_socket(sock)
 
     # -- 15006 inbound plaintext -----------------------------------------------------------------------
+
     async def handle_plaintext(self, pod: PodProxy, conn: socket.socket) -> None:
-        started = time.monotonic()
+        """15006: plaintext from a caller outside the mesh; authorized with no identity (STRICT denies it)."""
         dst_ip, dst_port = sockets.original_destination(conn)
         src_ip, src_port = conn.getpeername()[:2]
-        workload = await self._workload(pod)
         client = await TcpStream.from_socket(conn)
-        if workload is None:
+        try:
+            workload = await self._workload(pod)
+            if workload is None:
+                return
+            entry = ConnectionEntry(_hostport(src_ip, src_port), _hostport(dst_ip, dst_port), "TCP")
+            await self._inbound(pod, workload, authz.ConnectionInfo(src_ip, dst_ip, dst_port, None), src_port,
+                                entry, accept=lambda: client, refuse=lambda _status: None)
+        finally:
             client.close()
-            return
-        pod.counts.inbound += 1
-        info = authz.ConnectionInfo(src_ip=src_ip, dst_ip=dst_ip, dst_port=dst_port, src_identity=None)
+
+    async def _inbound(self, pod: PodProxy, workload: workload_pb2.Workload, info: authz.ConnectionInfo,
+                       src_port: int, entry: ConnectionEntry, accept: Callable[[], ByteStream],
+                       refuse: Callable[[int], object]) -> None:
+        """Both inbound ports: authorize (PROTOCOLS §5.3), connect to the app from the caller's IP, relay
+        while the connection stays allowed (policy changes re-check it), and account for it."""
+        started = time.monotonic()
+        identity = str(info.src_identity) if info.src_identity else None
         verdict = authz.authorize(self.snapshot(), workload, info)
-        labels = labels_for(self.snapshot().workload_by_ip(src_ip), workload, None, None,
-                            str(spiffe_of(workload, self.config_.trust_domain)), "destination", False)
+        labels = labels_for(self.snapshot().workload_by_ip(info.src_ip), workload, None, identity,
+                            str(spiffe_of(workload, self.config_.trust_domain)), "destination", identity is not None)
         counters = self.metrics.tcp.open(labels)
-        entry = ConnectionEntry(_hostport(src_ip, src_port), _hostport(dst_ip, dst_port), "TCP")
+        pod.counts.inbound += 1
         pod.inbound[id(entry)] = entry
         error = ""
         try:
             if not verdict.allowed:
                 error = verdict.reason
                 log.info("connection denied: %s", verdict.reason)
+                refuse(401)
                 return
-            app = await self._connect_app(pod, src_ip, dst_ip, dst_port)
+            try:
+                app = await self._connect_app(pod, info.src_ip, info.dst_ip, info.dst_port)
+            except (OSError, TimeoutError) as exc:
+                error = f"connection to {info.dst_ip}:{info.dst_port} failed: {exc}"
+                refuse(503)
+                return
+            client = accept()
             tracked = OpenInbound(pod, info, _all(client.close, app.close))
             self.open_inbound.add(tracked)
             try:
                 await relay(client, app, counters.add_received, counters.add_sent)
             finally:
                 self.open_inbound.discard(tracked)
-        except (OSError, TimeoutError) as exc:
-            error = f"connection to {dst_ip}:{dst_port} failed: {exc}"
         finally:
             pod.inbound.pop(id(entry), None)
-            client.close()
-            counters.close(failed=bool(error), response_flags="DENY" if error and not verdict.allowed else
+            counters.close(failed=bool(error), response_flags="DENY" if not verdict.allowed else
                            ("CONNECT" if error else "-"))
-            self.access.connection(direction="inbound", src=(src_ip, src_port), dst=(dst_ip, dst_port), hbone=None,
-                                   labels=labels, sent=counters.sent, received=counters.received,
+            self.access.connection(direction="inbound", src=(info.src_ip, src_port), dst=(info.dst_ip, info.dst_port),
+                                   hbone=None, labels=labels, sent=counters.sent, received=counters.received,
                                    duration=time.monotonic() - started, error=error)
+
 
     def _reauthorize(self, snapshot: WorkloadSnapshot, changes: StoreChanges) -> None:
         """PROTOCOLS §5.3: policy changes re-evaluate open inbound connections and close those now denied."""
