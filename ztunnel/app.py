@@ -164,7 +164,6 @@ class Ztunnel:
             log.warning("pod %s/%s: outbound before its workload is known; refusing", pod.namespace, pod.name)
             return
         choice = decision.decide_outbound(self.snapshot(), source, dst_ip, dst_port)
-        pod.counts.outbound += 1
         labels = labels_for(source, choice.destination_workload, choice.destination_service,
                             str(spiffe_of(source, self.config_.trust_domain)),
                             choice.expected_identities[0] if choice.expected_identities else None,
@@ -287,7 +286,6 @@ class Ztunnel:
         labels = labels_for(self.snapshot().workload_by_ip(info.src_ip), workload, None, identity,
                             str(spiffe_of(workload, self.config_.trust_domain)), "destination", identity is not None)
         counters = self.metrics.tcp.open(labels)
-        pod.counts.inbound += 1
         pod.inbound[id(entry)] = entry
         error = ""
         try:

@@ -59,12 +59,6 @@ def open_listeners(dns: bool, ipv6: bool) -> PodListeners:
         raise
 
 
-@dataclass
-class ConnectionCounts:
-    inbound: int = 0
-    outbound: int = 0
-
-
 @dataclass(eq=False)
 class PodProxy:
     uid: str
@@ -74,7 +68,6 @@ class PodProxy:
     netns: NetnsExecutor
     workload: workload_pb2.Workload | None = None
     listeners: PodListeners | None = None
-    counts: ConnectionCounts = field(default_factory=ConnectionCounts)
     inbound: dict[int, Any] = field(default_factory=dict)  # open connections for the admin dump
     outbound: dict[int, Any] = field(default_factory=dict)
     tasks: OwnedTasks = field(default_factory=lambda: OwnedTasks(log))
