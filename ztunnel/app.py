@@ -107,6 +107,9 @@ class Ztunnel:
             await pod.stop(0)
             raise RuntimeError(f"cannot open listeners in pod {info.namespace}/{info.name}: {exc}") from None
         self.pods[uid] = pod
+        manager = self.metrics.workload_manager
+        manager.proxies_started.inc()
+        manager.active_proxy_count.set(len(self.pods))
         self.certs.prefetch(SpiffeId(self.config_.trust_domain, info.namespace, info.service_account))
         log.info("pod %s/%s added (uid %s)", info.namespace, info.name, uid)
 
@@ -141,6 +144,8 @@ class Ztunnel:
     async def remove_pod(self, uid: str) -> None:
         pod = self.pods.pop(uid, None)
         if pod is not None:
+            self.metrics.workload_manager.proxies_stopped.inc()
+            self.metrics.workload_manager.active_proxy_count.set(len(self.pods))
             await pod.stop(DRAIN_DEADLINE)
             log.info("pod %s/%s removed", pod.namespace, pod.name)
 

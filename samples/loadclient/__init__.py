@@ -1,6 +1,6 @@
 """HTTP and TCP load generator for benchmarks and resilience tests.
 
-Command line: `python3 -m samples.loadclient http|tcp ...`. From code::
+Command line: `python3 -m samples.loadclient http|tcp|throughput|sink ...`. From code::
 
     from samples.loadclient import Pacing, run_http
     result = await run_http("http://127.0.0.1:8000/get", Pacing(rate=100, duration_s=5, concurrency=8))

@@ -1,16 +1,20 @@
 """`python3 -m samples.loadclient`: exit 0 when every request succeeded, 1 when any failed, 2 on bad
-arguments."""
+arguments. `throughput` exits 1 when the upload failed; `sink` serves until SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import uvloop
 
+from samples.common import LISTEN_HOST, env_port, log, until_terminated
+from samples.common import run as run_sample
+from samples.loadclient import throughput
 from samples.loadclient.http_load import DEFAULT_TIMEOUT_S, run_http
 from samples.loadclient.pacing import Pacing
 from samples.loadclient.result import LoadResult
@@ -90,7 +94,34 @@ def parser() -> argparse.ArgumentParser:
     tcp.add_argument("target", type=host_port, metavar="HOST:PORT")
     tcp.add_argument("--size", type=positive_int, default=DEFAULT_SIZE, help="bytes per round trip")
     tcp.add_argument("--connections", "-c", type=positive_int, default=DEFAULT_CONCURRENCY)
+    upload = modes.add_parser("throughput", help="single-stream upload to a `sink`, in MB/s up to its receipt")
+    upload.add_argument("target", type=host_port, metavar="HOST:PORT")
+    upload.add_argument("--duration", type=positive_float, default=throughput.DEFAULT_DURATION_S,
+                        help=f"seconds of sending (default {throughput.DEFAULT_DURATION_S:g})")
+    upload.add_argument("--chunk", type=positive_int, default=throughput.DEFAULT_CHUNK, help="bytes per send")
+    upload.add_argument("--timeout", type=positive_float, default=throughput.DEFAULT_TIMEOUT_S,
+                        help="seconds any one socket operation may block")
+    upload.add_argument("--json", action="store_true", help="print one JSON object")
+    sink = modes.add_parser("sink", help="the receiver for `throughput`: counts bytes, answers the count at EOF")
+    sink.add_argument("--port", type=port_number, default=None,
+                      help=f"port to listen on (default $PORT, else {throughput.DEFAULT_SINK_PORT})")
     return top
+
+
+def port_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number")
+    return int(text)
+
+
+async def serve_sink(port: int | None) -> None:
+    port = port or env_port(os.environ, "PORT", throughput.DEFAULT_SINK_PORT)
+    server = await throughput.start_sink(LISTEN_HOST, port)
+    log.info("sink listening on %s:%d", LISTEN_HOST, port)
+    try:
+        await until_terminated()
+    finally:
+        server.close()
 
 
 async def run(args: argparse.Namespace) -> LoadResult:
@@ -105,6 +136,13 @@ async def run(args: argparse.Namespace) -> LoadResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.mode == "sink":
+        run_sample("loadclient-sink", lambda: serve_sink(args.port))
+    if args.mode == "throughput":
+        host, port = args.target
+        upload = throughput.measure(host, port, args.duration, chunk=args.chunk, timeout_s=args.timeout)
+        print(json.dumps(upload.to_json()) if args.json else upload.render())
+        return 1 if upload.error else 0
     try:
         result = uvloop.run(run(args))
     except KeyboardInterrupt:

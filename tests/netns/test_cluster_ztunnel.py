@@ -546,3 +546,13 @@ def test_killed_ztunnels_come_back_and_pods_regain_connectivity_without_restarti
     after = mesh.pods("bookinfo")
     assert {p["metadata"]["uid"]: sandbox_pids(mesh, p) for p in after} == before, "pods must not restart"
     assert all(c["restartCount"] == 0 for p in after for c in p["status"]["containerStatuses"])
+
+
+def test_workload_manager_gauges_count_the_pods_each_ztunnel_proxies(mesh: Cluster) -> None:
+    for node, ip in NODE_IPS.items():
+        enrolled = [p for p in mesh.pods("bookinfo") if p["spec"]["nodeName"] == node]
+        text = urllib.request.urlopen(f"http://{ip}:15020/metrics", timeout=5).read().decode()
+        active = re.search(r"^workload_manager_active_proxy_count (\S+)$", text, re.M)
+        started = re.search(r"^workload_manager_proxies_started_total (\S+)$", text, re.M)
+        assert active and float(active.group(1)) >= len(enrolled), (node, active)
+        assert started and float(started.group(1)) >= len(enrolled), (node, started)
