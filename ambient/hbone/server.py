@@ -27,6 +27,9 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import h2.events as ev
 from h2.errors import ErrorCodes
+from h2.exceptions import DenialOfServiceError
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PushPromiseFrame
 
 from ambient.aio import OwnedTasks
 from ambient.hbone.connection import HboneConfig, HboneConnection
@@ -78,11 +81,42 @@ class ConnectRequest:
 Handler = Callable[[ConnectRequest], Awaitable[None]]
 
 
+class BoundedFrameBuffer(FrameBuffer):
+    """h2's frame buffer, refusing oversized input when it is announced rather than once it is in memory.
+
+    h2 checks a frame's length only after the whole frame has arrived (a header announcing 16 MiB makes it
+    buffer 16 MiB first), and a header block's size only when it decodes the block, after the last of up
+    to 64 CONTINUATIONs of `max_frame_size` each: with our 1 MiB frames, 64 MiB held per connection for
+    any client with a certificate. Here the length is checked from the 9-byte frame header, and a header
+    block (HEADERS + CONTINUATIONs) may not exceed `max_header_block` encoded bytes. Both raise h2
+    protocol errors, which end the connection with GOAWAY like any other."""
+
+    def __init__(self, max_header_block: int, max_frame_size: int) -> None:
+        super().__init__(server=True)
+        self.max_header_block = max_header_block
+        self.max_frame_size = max_frame_size
+
+    def __next__(self) -> Frame:
+        if len(self._data) >= 9:
+            self._validate_frame_length(int.from_bytes(self._data[:3], "big"))
+        return super().__next__()
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if isinstance(f, (HeadersFrame, ContinuationFrame, PushPromiseFrame)):
+            size = len(f.data) + sum(len(part.data) for part in self._headers_buffer)
+            if size > self.max_header_block:
+                raise DenialOfServiceError(f"header block over {self.max_header_block} bytes ({size} so far)")
+        return super()._update_header_buffer(f)
+
+
 class ServerConnection(HboneConnection):
     """The server end of one HBONE connection."""
 
     def __init__(self, server: HboneServer, trust_domain: str) -> None:
         super().__init__(server.config, client_side=False)
+        # Before any byte arrives: bound what a client can make us buffer (see BoundedFrameBuffer).
+        self._h2.incoming_buffer = BoundedFrameBuffer(self.config.max_header_list_size,
+                                                      self._h2.incoming_buffer.max_frame_size)
         self._server = server
         self._trust_domain = trust_domain
         self.peer_identity: str | None = None
