@@ -152,13 +152,18 @@ async def role_in(spec: dict[str, Any]) -> None:
 
     async def handler(request: ConnectRequest) -> None:
         ip, port = request.target
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
         try:
-            reader, writer = await asyncio.open_connection(ip, port, limit=CHUNK)
+            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
+            app = await TcpStream.from_socket(sock)  # as ztunnel's inbound does
         except OSError:
+            sock.close()
             request.respond(503)
             return
         with contextlib.suppress(HboneError, OSError):
-            await relay(request.respond(200), TcpStream(reader, writer), noop, noop)
+            await relay(request.respond(200), app, noop, noop)
 
     server = HboneServer(lambda _ip: cert, handler)
     sock = socket.create_server((LOCALHOST, 0), backlog=1024)
@@ -177,26 +182,42 @@ async def role_out(spec: dict[str, Any]) -> None:
     for route in spec["routes"]:
         dst, authority, expected = (route["dst"][0], int(route["dst"][1])), route["authority"], [route["expected"]]
 
-        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             dst: tuple[str, int] = dst, authority: str = authority,
+        async def connection(conn: socket.socket, dst: tuple[str, int] = dst, authority: str = authority,
                              expected: list[str] = expected) -> None:
+            tcp = await TcpStream.from_socket(conn)  # as ztunnel's outbound does
             try:
                 stream = await client.connect(cert, dst, authority, expected)
             except HboneError as exc:
                 print(f"our-out: {exc}", file=sys.stderr)
-                writer.close()
+                tcp.close()
                 return
             with contextlib.suppress(HboneError, OSError):
-                await relay(TcpStream(reader, writer), stream, noop, noop)
+                await relay(tcp, stream, noop, noop)
 
-        server = await asyncio.start_server(connection, LOCALHOST, 0, limit=CHUNK, backlog=1024)
-        servers.append(server)
-        ports[route["name"]] = server.sockets[0].getsockname()[1]
+        sock = socket.create_server((LOCALHOST, 0), backlog=1024)
+        sock.setblocking(False)
+        servers.append(asyncio.ensure_future(accept_loop(sock, connection)))
+        ports[route["name"]] = sock.getsockname()[1]
     print(json.dumps({"ports": ports}), flush=True)
     await until_stdin_closes()
     for server in servers:
-        server.close()
+        server.cancel()
     await client.close()
+
+
+async def accept_loop(sock: socket.socket, handle: Callable[[socket.socket], Coroutine[Any, Any, None]]) -> None:
+    """Like ztunnel's pod listeners: `sock_accept`, one task per connection."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(handle(conn))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        sock.close()
 
 
 ROLES: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, None]]] = {

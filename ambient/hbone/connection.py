@@ -6,6 +6,15 @@ ends with a single `transport.write` of whatever h2 produced. Received DATA is a
 a stream's reader consumes it, so the 4 MiB stream / 16 MiB connection windows are real backpressure:
 a peer can never make us buffer more than the windows, and a slow reader slows the remote writer.
 
+DATA frames, nearly all the frames of a tunnel, take a short path around h2's per-frame machinery (frame
+objects, two state machines, events): `data_received` splits the input into frames itself and hands a
+DATA frame on an open stream straight to its `HboneStream`, doing the flow-control accounting h2 would
+do; `HboneStream.write` appends DATA frames to h2's output buffer the same way. Every other frame, and a
+DATA frame h2 would have to judge (END_STREAM, padding, a closed or unknown stream, a window exceeded,
+an oversized or mid-header-block frame), goes through h2 unchanged and in order, so errors and state
+transitions are h2's. Credit for consumed DATA is handed to h2 in steps of a quarter window per stream
+and per connection (h2 itself sends WINDOW_UPDATE once half a window is consumed).
+
 Keepalive: a PING every `ping_interval`; the connection is dropped when one stays unanswered for
 `ping_timeout`. Drain: `goaway()` sends GOAWAY(NO_ERROR, last processed stream), lets the open streams
 finish and closes the connection once the last one is done.
@@ -21,16 +30,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import h2.events as ev
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
+from h2.stream import StreamState
 from hyperframe.frame import DataFrame, GoAwayFrame
 
 from ambient.hbone.errors import HboneError, StreamError
@@ -44,6 +55,16 @@ log = logging.getLogger("ambient.hbone")
 
 MiB = 1 << 20
 H2_DEFAULT_WINDOW = 65_535  # RFC 9113's initial window; the connection window starts here
+ACK_STEP_DIVISOR = 4  # consumed DATA is acknowledged to h2 once a quarter of a window has been read
+
+# The 9-byte frame header (RFC 9113 §4.1) as hyperframe packs it: 24-bit length as 16 + 8 bits, type, flags,
+# stream id. Used by the DATA short path (see the module docstring).
+FRAME_HEADER = struct.Struct(">HBBBL")
+FRAME_HEADER_SIZE = 9
+DATA_FRAME = 0x0
+END_STREAM_OR_PADDED = 0x1 | 0x8  # DATA flags only h2 handles
+RECEIVING_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})  # RECV_DATA keeps the state
+SENDING_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})  # SEND_DATA keeps the state
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,13 @@ def _receive_buffer(size: int) -> memoryview:
     return view
 
 
+def _run(buf: memoryview, start: int, end: int, partial: bytearray) -> bytes | memoryview:
+    """Frames for h2. h2's exception handling leaves reference cycles that keep what it was given alive
+    until the garbage collector runs, so it gets a copy of `partial` (which must stay resizable) rather
+    than a view; a view of the receive buffer is fine (that buffer never changes size)."""
+    return buf[start:end].tobytes() if buf.obj is partial else buf[start:end]
+
+
 def _addr(value: Any) -> tuple[str, int]:
     return (str(value[0]), int(value[1])) if isinstance(value, tuple) and len(value) >= 2 else ("", 0)
 
@@ -132,6 +160,15 @@ class HboneConnection(asyncio.BufferedProtocol):
         self._ping_sent_at: float | None = None
         self._ping_payload = b""
         self._receive_view = _receive_buffer(config.receive_buffer)
+        # DATA short path: our own frame splitting starts once h2 has taken the preamble and holds no
+        # partial frame; from then on h2 only ever gets whole frames.
+        self._framing = False
+        self._partial = bytearray()  # the start of a frame that has not fully arrived
+        self._partial_needed = FRAME_HEADER_SIZE  # bytes `_partial` must hold before it is worth parsing
+        self._open_state = ConnectionState.CLIENT_OPEN if client_side else ConnectionState.SERVER_OPEN
+        self.unacked = 0  # bytes read by streams but not yet acknowledged to h2 (all streams)
+        self.stream_ack_step = max(1, config.stream_window // ACK_STEP_DIVISOR)
+        self.connection_ack_step = max(1, config.connection_window // ACK_STEP_DIVISOR)
 
     @property
     def peer(self) -> str:
@@ -172,17 +209,28 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.data_received(self._receive_view[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
-        """h2 copies what it is given into its frame buffer, so `data` may be our reused receive buffer."""
+        """`data` may be our reused receive buffer: nothing here keeps a reference to it."""
+        if self._framing:
+            self._receive_frames(data)
+        elif self._receive_h2(data):
+            buffer = self._h2.incoming_buffer
+            self._framing = not buffer._preamble_len and not buffer._data
+        if self._h2._data_to_send:
+            self._flush()
+
+    def _receive_h2(self, data: bytes | bytearray | memoryview) -> bool:
+        """Feed h2 and dispatch its events; False if the peer broke the protocol (the connection is closing)."""
         try:
             events = self._h2.receive_data(data)
         except ProtocolError as exc:
             self._flush()  # h2 has queued a GOAWAY naming the error: let it reach the peer
             self.error = StreamError(f"HTTP/2 protocol error from {self.peer}: {exc}", "protocol_error")
             log.debug("closing HBONE connection: %s", self.error)
+            self._framing = False
             if self.transport is not None:
                 self.transport.close()
                 self._loop.call_later(self.config.handshake_timeout, self.transport.abort)
-            return
+            return False
         streams = self.streams
         for event in events:
             if isinstance(event, ev.DataReceived):
@@ -200,7 +248,78 @@ class HboneConnection(asyncio.BufferedProtocol):
                     self._wake_writers()
             else:
                 self._on_event(event)
-        self._flush()
+        return True
+
+    def _receive_frames(self, data: bytes | memoryview) -> None:
+        """Split the input into frames: DATA on an open stream goes to the stream, runs of other frames to h2
+        (see the module docstring). An incomplete last frame waits in `_partial`."""
+        partial = self._partial
+        if partial:
+            partial += data
+            if len(partial) < self._partial_needed:
+                return  # the rest of a large frame is still arriving
+            buf = memoryview(partial)
+        else:
+            buf = data if isinstance(data, memoryview) else memoryview(data)
+        h2 = self._h2
+        size = len(buf)
+        pos = 0
+        needed = FRAME_HEADER_SIZE
+        h2_from = -1  # start of a run of frames for h2
+        while size - pos >= FRAME_HEADER_SIZE:
+            length_high, length_low, frame_type, flags, stream_id = FRAME_HEADER.unpack_from(buf, pos)
+            length = (length_high << 8) | length_low
+            if length > h2.max_inbound_frame_size:
+                # h2 refuses it (the server's frame buffer as soon as it sees the header): from here on h2
+                # takes the byte stream, as it did before the short path started.
+                self._framing = False
+                if h2_from < 0:
+                    h2_from = pos
+                pos = size
+                break
+            end = pos + FRAME_HEADER_SIZE + length
+            if end > size:
+                needed = end - pos
+                break
+            if frame_type != DATA_FRAME or flags & END_STREAM_OR_PADDED or not length:
+                if h2_from < 0:
+                    h2_from = pos
+            else:
+                if h2_from >= 0:  # the frames before this one may change what it means: h2 goes first
+                    if not self._receive_h2(_run(buf, h2_from, pos, partial)):
+                        return
+                    h2_from = -1
+                if not self._short_data(stream_id & 0x7FFFFFFF, length, buf[pos + FRAME_HEADER_SIZE:end]):
+                    h2_from = pos
+            pos = end
+        if h2_from >= 0 and not self._receive_h2(_run(buf, h2_from, pos, partial)):
+            return
+        self._partial_needed = needed
+        if buf.obj is partial:
+            buf.release()  # no slice of it is alive (see _run), so it can shrink
+            del partial[:pos]
+        elif pos < size:
+            partial += buf[pos:]
+
+    def _short_data(self, stream_id: int, length: int, payload: memoryview) -> bool:
+        """Deliver a DATA frame without h2 if h2 would do nothing but account for it; else False."""
+        stream = self.streams.get(stream_id)
+        h2 = self._h2
+        h2_stream = h2.streams.get(stream_id)
+        if stream is None or h2_stream is None or h2.state_machine.state is not self._open_state:
+            return False
+        machine = h2_stream.state_machine
+        if machine.state not in RECEIVING_STATES or not machine.headers_received or \
+                h2_stream._expected_content_length is not None or h2.incoming_buffer._headers_buffer:
+            return False
+        connection_window = h2._inbound_flow_control_window_manager
+        stream_window = h2_stream._inbound_window_manager
+        if length > connection_window.current_window_size or length > stream_window.current_window_size:
+            return False  # h2 raises FLOW_CONTROL_ERROR
+        connection_window.current_window_size -= length
+        stream_window.current_window_size -= length
+        stream._on_data(payload.tobytes(), length)
+        return True
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: HTTP/2 has no half-closed connections
@@ -222,6 +341,8 @@ class HboneConnection(asyncio.BufferedProtocol):
             self._resume.set_result(None)
         if not self.closed.done():
             self.closed.set_result(None)
+        # The transport holds undelivered data and points back at us: let both go without a full GC.
+        self.transport = None
         self._on_closed()
 
     def pause_writing(self) -> None:
@@ -299,7 +420,21 @@ class HboneConnection(asyncio.BufferedProtocol):
     def _ack(self, stream_id: int, size: int) -> None:
         if size and not self.closed.done():
             self._h2.acknowledge_received_data(size, stream_id)
-            self.schedule_flush()
+            if self._h2._data_to_send:  # h2 decided a WINDOW_UPDATE is due
+                self.schedule_flush()
+
+    def _release_credit(self, stream: HboneStream) -> None:
+        """Acknowledge what `stream` has read; every stream's share once the connection's total is due."""
+        if self.unacked >= self.connection_ack_step:
+            self.unacked = 0
+            for other in self.streams.values():
+                if other._unacked and other is not stream:
+                    self._ack(other.stream_id, other._unacked)
+                    other._unacked = 0
+        else:
+            self.unacked -= stream._unacked
+        size, stream._unacked = stream._unacked, 0
+        self._ack(stream.stream_id, size)
 
     def _wake_writers(self) -> None:
         for stream in self.streams.values():
@@ -320,15 +455,20 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        data = self._h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
+        h2 = self._h2
+        data = h2._data_to_send
+        if not data:
+            return
+        h2._data_to_send = bytearray()  # data_to_send() without its copy: the old buffer is never touched again
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             piece = self.config.write_piece
             if len(data) <= piece:
-                self.transport.write(data)
+                transport.write(data)
                 return
             view = memoryview(data)
             for start in range(0, len(data), piece):
-                self.transport.write(view[start:start + piece])
+                transport.write(view[start:start + piece])
 
     def _ping_tick(self) -> None:
         now = self._loop.time()

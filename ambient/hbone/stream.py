@@ -5,20 +5,30 @@ peer's), RST_STREAM NO_ERROR/CANCEL reads as EOF, any other reset or a lost conn
 `StreamError`. Flow control is real: `read()` acknowledges only what it returns, so an idle reader stops
 the remote writer after one stream window; `write()` waits for window credit, so a slow remote reader
 slows this writer. One reader and one writer at a time.
+
+For relays (ztunnel's `relay`): `try_write(data)` sends all of `data` at once if that needs no waiting, and
+`set_receiver(r)` offers DATA that arrives while a `read()` waits to `r` first, so bytes can be forwarded
+inside the receive callback without waking a task. DATA is written and received without h2's per-frame
+machinery where h2 would only account for it (see ambient.hbone.connection).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, StreamClosedError
 
+from ambient.hbone.connection import DATA_FRAME, FRAME_HEADER, SENDING_STATES
 from ambient.hbone.errors import HboneError, StreamError
 
 if TYPE_CHECKING:
+    from h2.stream import H2Stream
+
     from ambient.hbone.connection import HboneConnection
 
 _EOF_RESETS = (ErrorCodes.NO_ERROR, ErrorCodes.CANCEL)
@@ -29,8 +39,9 @@ class HboneStream:
     `request_headers` are the CONNECT request's headers, `response_headers` those of the answer."""
 
     __slots__ = ("_chunks", "_conn", "_discard", "_error", "_finished", "_local_ended", "_read_waiter",
-                 "_remote_ended", "_response", "_write_waiter", "authority", "local_addr", "peer_addr",
-                 "peer_identity", "request_headers", "response_headers", "status", "stream_id")
+                 "_receiver", "_remote_ended", "_response", "_unacked", "_write_waiter", "authority",
+                 "local_addr", "peer_addr", "peer_identity", "request_headers", "response_headers", "status",
+                 "stream_id")
 
     def __init__(self, conn: HboneConnection, stream_id: int, authority: str, request_headers: dict[str, str],
                  peer_identity: str | None) -> None:
@@ -48,11 +59,19 @@ class HboneStream:
         self._local_ended = False
         self._finished = False
         self._discard = False
+        self._receiver: Callable[[bytes], bool] | None = None
+        self._unacked = 0  # bytes read and not yet acknowledged to h2 (see HboneConnection._release_credit)
         self._error: HboneError | None = None
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._response: asyncio.Future[None] | None = None
 
+
+    def _fresh_error(self) -> HboneError:
+        """The stored error as a new exception object: re-raising the stored one would pin its traceback
+        (and with it this stream and its connection) to the stored object until a full GC."""
+        assert self._error is not None
+        return copy.copy(self._error)
     def __repr__(self) -> str:
         return f"<HboneStream {self.stream_id} {self.authority} peer={self._conn.peer}>"
 
@@ -73,7 +92,7 @@ class HboneStream:
             if self._remote_ended:
                 return b""
             if self._error is not None:
-                raise self._error
+                raise self._fresh_error()
             waiter = self._read_waiter = self._conn._loop.create_future()
             try:
                 await waiter
@@ -87,14 +106,28 @@ class HboneStream:
         else:
             chunks[0] = chunk[max_bytes:]
             chunk = chunk[:max_bytes]
-        self._conn._ack(self.stream_id, len(chunk))
+        self._consumed(len(chunk))
         return chunk
+
+    def set_receiver(self, receiver: Callable[[bytes], bool] | None) -> None:
+        """While a `read()` is waiting, offer arriving data to `receiver` first; if it returns True the data
+        counts as read and the waiting `read()` keeps waiting (a relay forwarding without a task switch)."""
+        self._receiver = receiver
+
+    def _consumed(self, size: int) -> None:
+        """Credit goes back in steps (h2 grants it in half windows anyway); a finished stream's at once, as
+        the connection window is shared."""
+        conn = self._conn
+        self._unacked += size
+        conn.unacked += size
+        if self._unacked >= conn.stream_ack_step or conn.unacked >= conn.connection_ack_step or self._finished:
+            conn._release_credit(self)
 
     # -- writing ---------------------------------------------------------------------------------
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send `data`, waiting for flow-control credit and for the connection's send buffer to drain."""
         if self._error is not None:
-            raise self._error
+            raise self._fresh_error()
         if self._local_ended:
             raise StreamError(f"write on {self!r} after write_eof()/close()", "stream_closed")
         conn = self._conn
@@ -103,21 +136,84 @@ class HboneStream:
         view = memoryview(data)
         offset = 0
         while offset < size:
-            try:
-                window = h2.local_flow_control_window(self.stream_id)
-            except StreamClosedError:
-                raise self._error or StreamError(f"{self!r} was closed", "stream_closed") from None
+            h2_stream = self._sending_h2_stream()
+            if h2_stream is None:
+                await self._write_through_h2(view[offset:])  # h2 says what is wrong
+                break
+            window = min(h2.outbound_flow_control_window, h2_stream.outbound_flow_control_window)
             if window <= 0:
                 await self._wait_window()
                 continue
-            n = min(window, h2.max_outbound_frame_size, size - offset)
-            h2.send_data(self.stream_id, data if n == size and isinstance(data, bytes) else view[offset:offset + n])
+            n = min(window, size - offset)
+            self._append_data(h2_stream, view[offset:offset + n] if n < size else data)
             offset += n
         conn.schedule_flush()
         if conn._write_paused:
             await conn._writable()
             if self._error is not None:
-                raise self._error
+                raise self._fresh_error()
+
+    def try_write(self, data: bytes) -> bool:
+        """Send all of `data` now if that needs no waiting (window credit, a drained connection); else send
+        nothing and return False."""
+        conn = self._conn
+        if self._error is not None or self._local_ended or conn._write_paused or not data:
+            return False
+        h2_stream = self._sending_h2_stream()
+        if h2_stream is None or len(data) > min(conn._h2.outbound_flow_control_window,
+                                                h2_stream.outbound_flow_control_window):
+            return False
+        self._append_data(h2_stream, data)
+        conn.schedule_flush()
+        return True
+
+    def _sending_h2_stream(self) -> H2Stream | None:
+        """h2's stream if sending DATA on it changes no state (else h2 must judge the send)."""
+        h2 = self._conn._h2
+        h2_stream = h2.streams.get(self.stream_id)
+        if h2_stream is None or h2_stream.state_machine.state not in SENDING_STATES or \
+                h2.state_machine.state is not self._conn._open_state:
+            return None
+        return h2_stream
+
+    def _append_data(self, h2_stream: H2Stream, data: bytes | bytearray | memoryview) -> None:
+        """What h2.send_data does for an open stream, without its frame objects and state machines: DATA
+        frames appended to h2's output buffer and both send windows shrunk (module docstring of
+        ambient.hbone.connection). The caller has checked the window."""
+        h2 = self._conn._h2
+        out = h2._data_to_send
+        size = len(data)
+        frame = h2.max_outbound_frame_size
+        if size <= frame:
+            out += FRAME_HEADER.pack(size >> 8, size & 0xFF, DATA_FRAME, 0, self.stream_id)
+            out += data
+        else:
+            view = memoryview(data)
+            for start in range(0, size, frame):
+                piece = view[start:start + frame]
+                n = len(piece)
+                out += FRAME_HEADER.pack(n >> 8, n & 0xFF, DATA_FRAME, 0, self.stream_id)
+                out += piece
+        h2_stream.outbound_flow_control_window -= size
+        h2.outbound_flow_control_window -= size
+
+    async def _write_through_h2(self, view: memoryview) -> None:
+        h2 = self._conn._h2
+        size = len(view)
+        offset = 0
+        while offset < size:
+            try:
+                window = h2.local_flow_control_window(self.stream_id)
+            except StreamClosedError:
+                if self._error is not None:
+                    raise self._fresh_error() from None
+                raise StreamError(f"{self!r} was closed", "stream_closed") from None
+            if window <= 0:
+                await self._wait_window()
+                continue
+            n = min(window, h2.max_outbound_frame_size, size - offset)
+            h2.send_data(self.stream_id, view[offset:offset + n])
+            offset += n
 
     async def _wait_window(self) -> None:
         self._conn.schedule_flush()  # what is queued must leave before the peer can grant more
@@ -127,7 +223,7 @@ class HboneStream:
         finally:
             self._write_waiter = None
         if self._error is not None:
-            raise self._error
+            raise self._fresh_error()
 
     def write_eof(self) -> None:
         """Half close: send END_STREAM. Reading continues until the peer ends its side."""
@@ -183,6 +279,8 @@ class HboneStream:
         if self._finished:
             return
         self._finished = True
+        if self._unacked:
+            self._conn._release_credit(self)
         self._wake()
         self._conn._stream_finished(self)
 
@@ -200,10 +298,14 @@ class HboneStream:
         if padding:
             self._conn._ack(self.stream_id, padding)
         if data:
-            self._chunks.append(data)
             waiter = self._read_waiter
             if waiter is not None and not waiter.done():
+                receiver = self._receiver
+                if receiver is not None and receiver(data):
+                    self._consumed(len(data))
+                    return
                 waiter.set_result(None)
+            self._chunks.append(data)
 
     def _on_end(self) -> None:
         self._remote_ended = True
