@@ -17,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 AMBIENTCTL = [sys.executable, "-m", "ambient.cli"]
+OTHER_CLUSTER_WAIT = 600.0  # seconds to wait for someone else's local cluster to go down before skipping
 
 
 def skip_unless_root() -> None:
@@ -71,9 +72,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     from ambient.local.cluster import current_state_dir, running
     from ambient.local.layout import StateDir
 
-    other = current_state_dir()
-    if other and running(StateDir(other)):
-        pytest.skip(f"a local cluster is already running (state dir {other}); its fixed addresses would clash")
+    def free() -> bool:
+        other = current_state_dir()
+        return not (other and running(StateDir(other)))
+
+    # Only one local cluster fits on a host (fixed addresses): wait for someone else's to go, then skip.
+    try:
+        eventually(free, timeout=OTHER_CLUSTER_WAIT, interval=2, what="another local cluster to go down")
+    except AssertionError:
+        pytest.skip(f"another local cluster kept running for {OTHER_CLUSTER_WAIT:.0f}s; its addresses would clash")
     state_dir = tmp_path_factory.mktemp("cluster") / "state"
     c = Cluster(state_dir)
     try:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -100,7 +101,7 @@ def test_failed_cni_add_leaves_pod_container_creating_and_is_retried(cluster: Cl
 
 def test_restart_policy_and_readiness_probe(cluster: Cluster, tmp_path: Path) -> None:
     marker = tmp_path / "ready"
-    pods = [
+    pods: list[dict[str, Any]] = [
         {"name": "once", "restartPolicy": "Never", "command": ["sh", "-c", "exit 3"]},
         {"name": "retry", "restartPolicy": "OnFailure", "command": ["sh", "-c", "exit 1"]},
         {"name": "probed", "restartPolicy": "Always", "command": ["sleep", "infinity"],

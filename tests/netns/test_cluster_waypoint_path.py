@@ -7,11 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
-
-from ambient.local.cluster import current_state_dir, running
-from ambient.local.layout import StateDir
-from tests.netns.conftest import Cluster, eventually, skip_unless_root
+from tests.netns.conftest import Cluster, eventually
 
 PAGE = "http://productpage.bookinfo:9080/productpage"
 PRODUCTPAGE_ID = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
@@ -21,27 +17,6 @@ WAYPOINT = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
             "spec": {"gatewayClassName": "istio-waypoint",
                      "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}
 
-OTHER_CLUSTER_WAIT = 600.0  # seconds to wait for someone else's local cluster to go down before skipping
-
-
-@pytest.fixture(scope="module")
-def free_cluster_slot() -> None:
-    """Only one local cluster fits on the host (fixed addresses): wait for someone else's to go down."""
-    skip_unless_root()
-
-    def free() -> bool:
-        other = current_state_dir()
-        return not (other and running(StateDir(other)))
-
-    try:
-        eventually(free, timeout=OTHER_CLUSTER_WAIT, interval=2, what="another local cluster to go down")
-    except AssertionError:
-        pytest.skip(f"another local cluster kept running for {OTHER_CLUSTER_WAIT:.0f}s; its addresses would clash")
-
-
-@pytest.fixture(scope="module")
-def cluster(free_cluster_slot: None, cluster: Cluster) -> Cluster:
-    return cluster
 
 
 def pages(cluster: Cluster, count: int = 8) -> subprocess.CompletedProcess[str]:

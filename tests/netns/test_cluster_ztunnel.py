@@ -23,9 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ambient.local.cluster import current_state_dir, running
-from ambient.local.layout import StateDir
-from tests.netns.conftest import AMBIENTCTL, REPO, Cluster, eventually, skip_unless_root
+from tests.netns.conftest import AMBIENTCTL, REPO, Cluster, eventually
 
 NODE_IPS = {"node-1": "172.30.0.11", "node-2": "172.30.0.12"}
 NODE_LINKS = ("amb-n1", "amb-n2")  # the host side of each node's veth: every cross-node packet passes one
@@ -36,7 +34,6 @@ PAGE = "http://productpage.bookinfo:9080/productpage"
 DETAILS = "http://details.bookinfo:9080/details/0"
 RATINGS = "http://ratings.bookinfo:9080/ratings/0"
 REDIRECTION = "ambient.istio.io/redirection"
-OTHER_CLUSTER_WAIT = 600.0  # seconds to wait for someone else's local cluster to go down before skipping
 
 # A TCP client for tcp-echo, run inside a pod: "once" prints one echo; "hold" keeps the connection open,
 # pinging every 0.2 s, and prints "closed: ..." when the peer closes it (exit 0) or "still open" after 60 s.
@@ -64,26 +61,6 @@ except OSError as exc:
 
 
 # -- fixtures -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def free_cluster_slot() -> None:
-    """Only one local cluster fits on the host (fixed addresses): wait for someone else's to go down."""
-    skip_unless_root()
-
-    def free() -> bool:
-        other = current_state_dir()
-        return not (other and running(StateDir(other)))
-
-    try:
-        eventually(free, timeout=OTHER_CLUSTER_WAIT, interval=2, what="another local cluster to go down")
-    except AssertionError:
-        pytest.skip(f"another local cluster kept running for {OTHER_CLUSTER_WAIT:.0f}s; its addresses would clash")
-
-
-@pytest.fixture(scope="module")
-def cluster(free_cluster_slot: None, cluster: Cluster) -> Cluster:
-    return cluster
-
-
 @pytest.fixture(scope="module")
 def mesh(cluster: Cluster) -> Cluster:
     """Bookinfo labelled ambient, every pod enrolled, plus tcp-echo in `bookinfo` (meshed) and `default`."""
