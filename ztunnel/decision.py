@@ -27,9 +27,8 @@ from __future__ import annotations
 import enum
 import ipaddress
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Protocol, TypeVar
 
 from ambient.identity.spiffe import DEFAULT_TRUST_DOMAIN, SCHEME
@@ -106,27 +105,7 @@ def service_key(service: Service) -> str:
 
 def service_endpoints(snapshot: WorkloadSnapshot, key: str) -> tuple[Workload, ...]:
     """Every workload that lists the service `key` (`<ns>/<hostname>`) in its `services`, by uid."""
-    return _endpoint_index(snapshot.workloads).get(key, ())
-
-
-_endpoints_cache: tuple[Mapping[str, Workload], Mapping[str, tuple[Workload, ...]]] | None = None
-
-
-def _endpoint_index(workloads: Mapping[str, Workload]) -> Mapping[str, tuple[Workload, ...]]:
-    # One index per workload map: the store reuses the same map object until addresses change, and the
-    # cache holds it, so identity cannot be confused with a collected map's.
-    global _endpoints_cache
-    cached = _endpoints_cache
-    if cached is not None and cached[0] is workloads:
-        return cached[1]
-    index: dict[str, list[Workload]] = {}
-    for uid in sorted(workloads):
-        workload = workloads[uid]
-        for key in workload.services:
-            index.setdefault(key, []).append(workload)
-    result = MappingProxyType({key: tuple(members) for key, members in index.items()})
-    _endpoints_cache = (workloads, result)
-    return result
+    return snapshot.endpoints_by_service.get(key, ())
 
 
 def decide_outbound(

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from dnslib import CNAME, OPCODE, QTYPE, RCODE, RR, DNSLabel
@@ -124,24 +123,6 @@ def _wildcards(name: Labels) -> list[Labels]:
     return result
 
 
-_hosts_cache: tuple[Mapping[str, Service], Mapping[str, tuple[Service, ...]]] | None = None
-
-
-def _services_by_host(services: Mapping[str, Service]) -> Mapping[str, tuple[Service, ...]]:
-    # One index per service map; the cache keeps the map alive, so its identity is never reused.
-    global _hosts_cache
-    cached = _hosts_cache
-    if cached is not None and cached[0] is services:
-        return cached[1]
-    index: dict[str, list[Service]] = {}
-    for key in sorted(services):
-        service = services[key]
-        index.setdefault(service.hostname.lower(), []).append(service)
-    result = MappingProxyType({host: tuple(found) for host, found in index.items()})
-    _hosts_cache = (services, result)
-    return result
-
-
 def _best(candidates: Iterable[Service], client_namespace: str) -> Service | None:
     """ztunnel's `ServiceMatch::find_best_match`: client namespace, then canonical, then first."""
     canonical = first = None
@@ -164,7 +145,7 @@ class _ServerMatch:
 
 def _find_service(snapshot: WorkloadSnapshot, name: Labels, client_namespace: str, names: _Names,
                   ) -> _ServerMatch | None:
-    by_host = _services_by_host(snapshot.services)
+    by_host = snapshot.services_by_hostname
     headless_suffix = "." + ".".join(names.svc_domain)
     for alias in names.aliases(name):
         for candidate in _wildcards(alias.name):

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 
 from ambient.proto import authorization_pb2, workload_pb2
@@ -65,6 +66,26 @@ class WorkloadSnapshot:
 
     def service_by_vip(self, ip: str | bytes | IpAddress, network: str = "") -> Service | None:
         return self.services_by_vip.get(ip_key(ip, network))
+
+    # Derived indexes, built once per snapshot on first use (the snapshot is immutable).
+    @cached_property
+    def endpoints_by_service(self) -> Mapping[str, tuple[Workload, ...]]:
+        """`<ns>/<hostname>` → the workloads listing that service in `Workload.services`, by uid."""
+        index: dict[str, list[Workload]] = {}
+        for uid in sorted(self.workloads):
+            workload = self.workloads[uid]
+            for key in workload.services:
+                index.setdefault(key, []).append(workload)
+        return MappingProxyType({key: tuple(members) for key, members in index.items()})
+
+    @cached_property
+    def services_by_hostname(self) -> Mapping[str, tuple[Service, ...]]:
+        """Lower-cased hostname → the services with that hostname, by resource name."""
+        index: dict[str, list[Service]] = {}
+        for key in sorted(self.services):
+            service = self.services[key]
+            index.setdefault(service.hostname.lower(), []).append(service)
+        return MappingProxyType({host: tuple(found) for host, found in index.items()})
 
 
 class WorkloadStore:
