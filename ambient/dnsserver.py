@@ -10,11 +10,12 @@ binds inside a pod's network namespace, and both hand the sockets over.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -35,7 +36,7 @@ MAX_INFLIGHT_FORWARDS = 1024
 Resolve = Callable[[bytes, bool], bytes | Forward]
 # `upstream_socket(family)` → a new UDP socket for one upstream exchange (ztunnel makes it in the pod netns,
 # marked so that it is not captured again).
-UpstreamSocketFactory = Callable[[socket.AddressFamily], socket.socket]
+UpstreamSocketFactory = Callable[[socket.AddressFamily], socket.socket | Awaitable[socket.socket]]
 
 
 @dataclass
@@ -186,7 +187,8 @@ class DnsServer:
     async def _exchange(self, query: bytes, upstream: tuple[str, int]) -> bytes:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ipaddress.ip_address(upstream[0]).version == 6 else socket.AF_INET
-        sock = self._upstream_socket(family)
+        made = self._upstream_socket(family)
+        sock = await made if inspect.isawaitable(made) else made
         try:
             sock.setblocking(False)
             sock.connect(upstream)  # UDP: no packet sent, only the peer fixed, so replies from others are dropped

@@ -93,10 +93,6 @@ class NetnsExecutor:
         except OSError as e:
             self._error = e
 
-    def run(self, fn: Callable[[], T]) -> T:
-        """Run `fn` in the namespace, blocking the caller (for use off the event loop)."""
-        return self._pool.submit(self._guarded, fn).result()
-
     async def call(self, fn: Callable[[], T]) -> T:
         import asyncio
 

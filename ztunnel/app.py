@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,7 +191,7 @@ class Ztunnel:
                 upstream = await asyncio.wait_for(self.hbone.connect(
                     cert, choice.target, choice.authority, list(choice.expected_identities),
                     headers={"forwarded": f'for="{_hostport(src_ip, src_port)}"'}, local_bind=src_ip,
-                    socket_factory=lambda: pod.netns.run(lambda: sockets.outbound(target_ip))), CONNECT_TIMEOUT)
+                    socket_factory=lambda: pod.netns.call(lambda: sockets.outbound(target_ip))), CONNECT_TIMEOUT)
             else:
                 sock = await pod.netns.call(lambda: sockets.outbound(choice.target[0]))
                 await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, choice.target), CONNECT_TIMEOUT)
@@ -220,9 +220,9 @@ class Ztunnel:
         pod.tasks.spawn(server.serve(pod.listeners.inbound), name=f"{pod.name}-hbone")
         pod.closers.append(server.close)
         if pod.listeners.dns_udp is not None and pod.listeners.dns_tcp is not None:
-            def upstream_socket(family: socket.AddressFamily) -> socket.socket:
+            def upstream_socket(family: socket.AddressFamily) -> Awaitable[socket.socket]:
                 # In the pod's netns and marked, so the forwarded query is not captured again.
-                return pod.netns.run(lambda: sockets.udp(family))
+                return pod.netns.call(lambda: sockets.udp(family))
 
             proxy = DnsProxy(self.snapshot, self.config_.dns_upstreams, namespace=pod.namespace,
                              upstream_socket=upstream_socket)

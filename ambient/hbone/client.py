@@ -14,10 +14,11 @@ share it; an unused connection is closed after 5 minutes. Which connection a str
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
@@ -33,7 +34,9 @@ from ambient.identity.certs import WorkloadCertificate
 
 log = logging.getLogger("ambient.hbone.client")
 
-SocketFactory = Callable[[], socket.socket]
+# Makes the unconnected socket; may be async (ztunnel creates it on a pod's netns thread without
+# blocking the event loop).
+SocketFactory = Callable[[], socket.socket | Awaitable[socket.socket]]
 MAX_ATTEMPTS = 3  # a stream refused by a draining or over-full connection is retried on another, this often
 
 H = TypeVar("H")
@@ -292,7 +295,8 @@ class HboneClient:
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 if socket_factory is not None:
-                    sock = socket_factory()
+                    made = socket_factory()
+                    sock = await made if inspect.isawaitable(made) else made
                 else:
                     sock = socket.socket(socket.AF_INET6 if ":" in key.dst[0] else socket.AF_INET,
                                          socket.SOCK_STREAM)
