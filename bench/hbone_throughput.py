@@ -73,7 +73,7 @@ from bench.envoy import (
 from samples.loadclient.pacing import Pacing, drive
 from samples.loadclient.result import LoadResult
 from samples.loadclient.tcp_load import payload_of, run_tcp
-from ztunnel.proxy.relay import CHUNK, TcpStream, relay
+from ambient.relay import CHUNK, TcpStream, relay
 
 TD = "cluster.local"
 IDS = {"our-out": SpiffeId(TD, "bench", "our-client"), "our-in": SpiffeId(TD, "bench", "our-server"),

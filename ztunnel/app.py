@@ -43,7 +43,7 @@ from ztunnel.dns import DnsProxy
 from ztunnel.metrics import ZtunnelMetrics, labels_for
 from ztunnel.proxy import sockets
 from ztunnel.proxy.pod import PodProxy
-from ztunnel.proxy.relay import ByteStream, TcpStream, relay
+from ambient.relay import ByteStream, TcpStream, relay
 
 log = logging.getLogger("ztunnel")
 

@@ -16,7 +16,7 @@ import pytest
 
 from ambient.hbone import ConnectRequest
 from tests.integration.hbone.conftest import WAIT, Env, Mesh, listener, running_env
-from ztunnel.proxy.relay import TcpStream, relay
+from ambient.relay import TcpStream, relay
 
 pytestmark = pytest.mark.timeout(60)
 

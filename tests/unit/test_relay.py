@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ztunnel.proxy.relay import CHUNK, INITIAL_BUFFER, TcpStream, relay
+from ambient.relay import CHUNK, INITIAL_BUFFER, TcpStream, relay
 
 uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
 pytestmark = pytest.mark.timeout(30)
