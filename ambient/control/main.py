@@ -137,7 +137,7 @@ class ControlPlane:
     async def write_statuses(self) -> None:
         """Policy conditions from translation (e.g. `ZtunnelAccepted` False when L7 fields were ignored),
         written to each object's status; only what changed since the last write."""
-        from ambient.local.apiserver import now_rfc3339
+        from ambient.kube.events import now_rfc3339
 
         wanted = dict(self.statuses)
         for key in set(self._written) | set(wanted):

@@ -31,11 +31,11 @@ import copy
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from ambient.kube.client import KubeClient
 from ambient.kube.errors import ApiError
+from ambient.kube.events import now_rfc3339
 from ambient.kube.informer import Informer
 from ambient.kube.resources import ResourceTable, ResourceType
 
@@ -208,10 +208,6 @@ def waypoint_objects(gateway: Obj, command: Sequence[str] = DEFAULT_COMMAND) -> 
 
 
 # -- status ----------------------------------------------------------------------------------------
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def service_hostname(gateway: Obj, domain_suffix: str = DOMAIN_SUFFIX) -> str:
     meta = gateway["metadata"]
     return f"{meta['name']}.{meta['namespace']}.svc.{domain_suffix}"

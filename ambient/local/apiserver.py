@@ -17,13 +17,13 @@ import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from ambient.kube.errors import ApiError, not_found
+from ambient.kube.events import now_rfc3339
 from ambient.kube.merge import merge_patch
 from ambient.kube.resources import EXTRA_VERSIONS, ResourceTable, ResourceType
 from ambient.kube.selectors import (
@@ -42,10 +42,6 @@ BOOKMARK_INTERVAL = 10.0  # seconds between BOOKMARK events on idle watches that
 DEFAULT_WATCH_TIMEOUT = 1800  # Kubernetes picks 30-60 min when the client does not say
 JSON = "application/json"
 MERGE_PATCH_TYPES = {"application/merge-patch+json", "application/strategic-merge-patch+json"}
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ApiServer:

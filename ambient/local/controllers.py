@@ -30,7 +30,7 @@ from ambient.kube.informer import Informer
 from ambient.kube.resources import ResourceTable, ResourceType
 from ambient.kube.selectors import labels_match, selector_from_match_labels
 from ambient.local.dns import ClusterZone
-from ambient.local.events import EventRecorder
+from ambient.kube.events import EventRecorder
 
 log = logging.getLogger("ambient.controllers")
 Obj = dict[str, Any]

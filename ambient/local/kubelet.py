@@ -32,11 +32,10 @@ import psutil
 from ambient.aio import cancel_on_signals
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.errors import ApiError
+from ambient.kube.events import EventRecorder, now_rfc3339
 from ambient.kube.informer import Informer
 from ambient.kube.resources import ResourceTable
 from ambient.local import cni
-from ambient.local.apiserver import now_rfc3339
-from ambient.local.events import EventRecorder
 from ambient.local.kubeproxy import KubeProxy
 from ambient.local.layout import StateDir, pod_netns_name
 from ambient.local.network import KUBE_DNS_IP, NodeNet, run

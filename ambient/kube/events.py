@@ -1,4 +1,4 @@
-"""Kubernetes Events for the local cluster's components (kubelet, scheduler, controllers).
+"""Kubernetes Events, as recorded by our components (kubelet, scheduler, controllers, the waypoint).
 
 Events are best effort, as in Kubernetes: a failure to record one is logged and never fails the caller.
 Repeats of the same (object, reason, message) bump `count` instead of creating a new Event.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from datetime import UTC, datetime
 from typing import Any
 
 from ambient.kube.client import KubeClient
@@ -19,14 +20,17 @@ Obj = dict[str, Any]
 EVENT = ResourceTable().require("events")
 
 
+def now_rfc3339() -> str:
+    """A Kubernetes timestamp (RFC 3339, seconds, UTC)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class EventRecorder:
     def __init__(self, client: KubeClient, component: str, host: str = "") -> None:
         self.client, self.component, self.host = client, component, host
         self._seen: dict[tuple[str, str, str], Obj] = {}
 
     async def record(self, obj: Obj, event_type: str, reason: str, message: str) -> None:
-        from ambient.local.apiserver import now_rfc3339
-
         meta = obj["metadata"]
         namespace = meta.get("namespace") or "default"
         key = (meta.get("uid", ""), reason, message)
