@@ -1,5 +1,10 @@
 """httpbin-like echo server. Any method on any path answers what it received as JSON; a few httpbin
 paths (`/status/<code>`, `/delay/<s>`, `/bytes/<n>`, `/stream/<n>`, `/headers`, `/ip`) shape the answer.
+Every answer carries `x-served-by: <pod name>` so callers can see which replica answered.
+
+For resilience tutorials: `/flaky/<fail>/<of>` fails (503) the first `fail` of every `of` requests it
+receives and answers the rest, deterministically per pod; `$FAIL_STATUS` makes every path except `/health`
+answer that status (an unhealthy replica for outlier detection).
 
 Sizes are capped and delays cut to 10 s, as in httpbin, so a typo cannot tie up the pod.
 """
@@ -23,6 +28,10 @@ MAX_STREAM_LINES = 100
 BODYLESS_STATUSES = frozenset({204, 304})
 
 Number = TypeVar("Number", int, float)
+
+
+FLAKY_STATUS = 503
+SERVED_BY = "x-served-by"
 
 
 def bad_request(message: str) -> web.HTTPBadRequest:
@@ -109,8 +118,42 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def build_app() -> web.Application:
+class Flaky:
+    """`/flaky/<fail>/<of>`: of every `of` requests (counted per path, per pod), the first `fail` get a 503."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int], int] = {}
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        of = path_number(request, "of", int, 1, 1000)
+        fail = path_number(request, "fail", int, 0, of)
+        position = self.seen.get((fail, of), 0)
+        self.seen[(fail, of)] = position + 1
+        if position % of < fail:
+            return web.Response(status=FLAKY_STATUS, text=f"flaky: failing {position % of + 1} of {fail}\n")
+        return await echo(request)
+
+
+def failing(status_code: int) -> web.RequestHandler:
+    async def fail(request: web.Request) -> web.Response:
+        return web.Response(status=status_code, text=f"{status_code} (FAIL_STATUS)\n")
+    return fail
+
+
+@web.middleware
+async def served_by(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+    response = await handler(request)
+    response.headers[SERVED_BY] = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", "httpbin")
+    return response
+
+
+def build_app(fail_status: int | None = None) -> web.Application:
     app = new_app()
+    app.middlewares.append(served_by)
+    if fail_status is not None:
+        app.router.add_route("*", "/{tail:.*}", failing(fail_status))
+        return app
+    app.router.add_route("*", "/flaky/{fail}/{of}", Flaky())
     app.router.add_get("/get", echo)
     app.router.add_get("/headers", headers)
     app.router.add_get("/ip", ip)
@@ -123,8 +166,17 @@ def build_app() -> web.Application:
     return app
 
 
+def fail_status(env: dict[str, str] | os._Environ[str]) -> int | None:
+    raw = env.get("FAIL_STATUS", "")
+    if not raw:
+        return None
+    if not raw.isdigit() or not 200 <= int(raw) <= 599:
+        raise SystemExit(f"httpbin: FAIL_STATUS={raw!r} must be an HTTP status between 200 and 599")
+    return int(raw)
+
+
 async def serve() -> None:
-    await serve_app(build_app(), env_port(os.environ, "PORT", 8080))
+    await serve_app(build_app(fail_status(os.environ)), env_port(os.environ, "PORT", 8080))
 
 
 def main() -> None:

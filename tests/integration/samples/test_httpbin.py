@@ -7,6 +7,9 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from samples.httpbin.server import build_app, fail_status
 
 from .programs import Program, Programs
 
@@ -75,3 +78,23 @@ async def test_get_ip_bytes_and_stream(httpbin: Program, http: aiohttp.ClientSes
     async with http.get(f"{httpbin.url}/stream/3") as response:
         lines = (await response.text()).splitlines()
     assert len(lines) == 3
+
+
+async def test_flaky_fails_the_first_of_every_cycle(httpbin: Program, http: aiohttp.ClientSession) -> None:
+    statuses = []
+    for _ in range(6):
+        async with http.get(f"{httpbin.url}/flaky/2/3") as response:
+            statuses.append(response.status)
+            assert response.headers["x-served-by"]
+
+    assert statuses == [503, 503, 200, 503, 503, 200]
+
+
+async def test_fail_status_makes_every_path_fail_but_health() -> None:
+    async with TestClient(TestServer(build_app(fail_status({"FAIL_STATUS": "500"})))) as client:
+        failing = await client.get("/get")
+        health = await client.get("/health")
+
+    assert (failing.status, health.status) == (500, 200)
+    with pytest.raises(SystemExit, match="FAIL_STATUS"):
+        fail_status({"FAIL_STATUS": "oops"})
