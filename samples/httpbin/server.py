@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import os
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
@@ -27,6 +28,7 @@ MAX_STREAM_LINES = 100
 # Bodies must be empty for these (RFC 9110), so /status/<code> sends none.
 BODYLESS_STATUSES = frozenset({204, 304})
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Number = TypeVar("Number", int, float)
 
 
@@ -134,15 +136,15 @@ class Flaky:
         return await echo(request)
 
 
-def failing(status_code: int) -> web.RequestHandler:
+def failing(status_code: int) -> Handler:
     async def fail(request: web.Request) -> web.Response:
         return web.Response(status=status_code, text=f"{status_code} (FAIL_STATUS)\n")
     return fail
 
 
 @web.middleware
-async def served_by(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
-    response = await handler(request)
+async def served_by(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response: web.StreamResponse = await handler(request)
     response.headers[SERVED_BY] = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", "httpbin")
     return response
 
