@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(iptables nftables ipset conntrack containernetworking-plugins iproute2 curl socat
-              util-linux procps python3-venv)
+              util-linux procps python3-venv nodejs)  # nodejs: the HBONE interop tests run Node's http2 client
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup: run as root (the local cluster creates network namespaces and iptables rules)" >&2
