@@ -51,6 +51,9 @@ class PoolKey:
     dst_identities: frozenset[str]
     src_ip: str | None
     dst: tuple[str, int]
+    # Which certificate of that identity: after a rotation new streams open a connection presenting the new
+    # one, while tunnels on the old connections finish undisturbed and the idle sweep closes them.
+    src_cert: float = 0.0
 
 
 @dataclass(eq=False)
@@ -224,7 +227,7 @@ class HboneClient:
         extra = dict(headers or {})
         block = request_block(authority, extra)
         expected = frozenset(expected_identities)
-        key = PoolKey(str(src_cert.identity), expected, local_bind, (str(dst[0]), int(dst[1])))
+        key = PoolKey(str(src_cert.identity), expected, local_bind, (str(dst[0]), int(dst[1])), src_cert.not_before)
         loop = asyncio.get_running_loop()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             slot, new = self._book.checkout(key, loop.time())
