@@ -9,8 +9,9 @@
 The config dump's field names and value spellings follow Istio ztunnel's serde output (`src/admin.rs`,
 `state/workload.rs`, `state/service.rs`, `rbac.rs`): camelCase keys, enums as `HBONE`, `Healthy`,
 `Allow`, `WorkloadSelector`; addresses as `<network>/<ip>`; certificate PEMs base64-encoded, serial
-numbers in decimal, times in RFC 3339. The conversion functions are pure; the servers are thin aiohttp
-shells that own nothing but their listening socket.
+numbers in decimal, times in RFC 3339. The conversion functions are pure; the servers are thin shells on
+`ambient.telemetry.admin_http` (not aiohttp: it would cost every ztunnel ~10 MB of RSS) that own nothing
+but their listening socket.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ import ipaddress
 import json
 import logging
 import platform
+import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiohttp import web
 from cryptography import x509
 
 from ambient.identity.certs import WorkloadCertificate
 from ambient.identity.manager import CertificateStatus
 from ambient.proto import authorization_pb2, workload_pb2
-from ambient.telemetry import logs
+from ambient.telemetry import admin_http
+from ambient.telemetry.admin_http import Request, Response, Router, text_response
 from ambient.telemetry.registry import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ambient.xds.store import WorkloadSnapshot
 from ztunnel.errors import ConfigError
@@ -339,40 +341,26 @@ class Readiness:
         return 500, f"not ready, pending: {', '.join(sorted(self.pending))}\n"
 
 
-def _readiness_response(readiness: Readiness | None) -> web.Response:
+def _readiness_response(readiness: Readiness | None) -> Response:
     status, text = readiness.status() if readiness is not None else (200, "ready\n")
-    return web.Response(status=status, text=text)
+    return text_response(text, status)
 
 
 # -- HTTP shells ----------------------------------------------------------------------------------------
-class HttpServer:
-    """An aiohttp application on one address; `port` is the bound port (useful with port 0)."""
+class HttpServer(admin_http.HttpServer):
+    """One of the three ports on `ambient.telemetry.admin_http`; `port` is the bound port (useful with
+    port 0). `start(sock)` serves on a socket already listening (a worker's, bound by the main)."""
 
-    def __init__(self, app: web.Application, address: Address, what: str) -> None:
-        self.address = address
-        self._app = app
-        self._what = what
-        self._runner: web.AppRunner | None = None
-        self.port = address[1]
+    def __init__(self, router: Router, address: Address, what: str) -> None:
+        super().__init__(router, address, what=what)
 
-    async def start(self) -> None:
-        runner = web.AppRunner(self._app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.address[0], self.address[1], reuse_address=True)
+    async def start(self, sock: socket.socket | None = None) -> None:
         try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise ConfigError(f"cannot listen on {self.address[0]}:{self.address[1]} for the {self._what}: "
-                              f"{exc.strerror or exc}; is another ztunnel running on this node?") from None
-        self._runner = runner
-        self.port = runner.addresses[0][1]  # the real port when 0 was asked for
-        log.info("%s listening on %s:%d", self._what, self.address[0], self.port)
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+            await super().start(sock)
+        except admin_http.ListenError as exc:
+            raise ConfigError(f"{exc}; is another ztunnel running on this node?") from None
+        if sock is None:
+            log.info("%s listening on %s:%d", self.what, self.address[0], self.port)
 
 
 INDEX = """ztunnel admin
@@ -393,45 +381,34 @@ class AdminServer(HttpServer):
         self._state = state
         self._on_quit = on_quit
         self._readiness = readiness
-        app = web.Application()
-        app.router.add_get("/", self._index)
-        app.router.add_get("/config_dump", self._config_dump)
-        app.router.add_route("*", "/logging", self._logging)
-        app.router.add_route("*", "/quitquitquit", self._quit)
-        app.router.add_get("/healthz/ready", self._ready)
-        super().__init__(app, address, "admin server")
+        router = Router()
+        router.get("/", self._index)
+        router.get("/config_dump", self._config_dump)
+        router.add(("GET", "POST"), "/logging", self._logging)
+        router.post("/quitquitquit", self._quit)
+        router.get("/healthz/ready", self._ready)
+        super().__init__(router, address, "admin server")
 
-    async def _index(self, _: web.Request) -> web.Response:
-        return web.Response(text=INDEX)
+    def _index(self, _: Request) -> Response:
+        return text_response(INDEX)
 
-    async def _config_dump(self, _: web.Request) -> web.Response:
+    async def _config_dump(self, _: Request) -> Response:
         try:
             body = json.dumps(config_dump(self._state), indent=2)
         except Exception as exc:
             log.exception("config_dump failed")
-            return web.Response(status=500, text=f"config_dump failed: {exc}\n")
-        return web.Response(text=body, content_type="application/json")
+            return text_response(f"config_dump failed: {exc}\n", 500)
+        return Response(body=body.encode(), content_type=admin_http.JSON)
 
-    async def _logging(self, request: web.Request) -> web.Response:
-        if request.method not in ("GET", "POST"):
-            return web.Response(status=405, text="use GET or POST /logging[?level=<level>]\n")
-        level = request.query.get("level")
-        if level:
-            try:
-                logs.set_level(level)
-            except ValueError as exc:
-                return web.Response(status=400, text=f"{exc}\n")
-            log.info("log level set to %s", logs.current_level())
-        return web.Response(text=f"current log level is {logs.current_level()}\n")
+    async def _logging(self, request: Request) -> Response:
+        return admin_http.log_level(request)
 
-    async def _quit(self, request: web.Request) -> web.Response:
-        if request.method != "POST":
-            return web.Response(status=405, text="use POST /quitquitquit\n")
+    def _quit(self, _: Request) -> Response:
         log.info("shutdown requested on the admin port")
         self._on_quit()
-        return web.Response(text="shutdown now\n")
+        return text_response("shutdown now\n")
 
-    async def _ready(self, _: web.Request) -> web.Response:
+    def _ready(self, _: Request) -> Response:
         return _readiness_response(self._readiness)
 
 
@@ -440,11 +417,11 @@ class ReadinessServer(HttpServer):
 
     def __init__(self, readiness: Readiness, address: Address = ("0.0.0.0", 15021)) -> None:
         self._readiness = readiness
-        app = web.Application()
-        app.router.add_get("/healthz/ready", self._ready)
-        super().__init__(app, address, "readiness server")
+        router = Router()
+        router.get("/healthz/ready", self._ready)
+        super().__init__(router, address, "readiness server")
 
-    async def _ready(self, _: web.Request) -> web.Response:
+    def _ready(self, _: Request) -> Response:
         return _readiness_response(self._readiness)
 
 
@@ -453,12 +430,10 @@ class MetricsServer(HttpServer):
 
     def __init__(self, render: Callable[[], bytes], address: Address = ("0.0.0.0", 15020)) -> None:
         self._render = render
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/stats/prometheus", self._metrics)
-        super().__init__(app, address, "metrics server")
+        router = Router()
+        router.get("/metrics", self._metrics)
+        router.get("/stats/prometheus", self._metrics)
+        super().__init__(router, address, "metrics server")
 
-    async def _metrics(self, _: web.Request) -> web.Response:
-        response = web.Response(body=self._render())
-        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
-        return response
+    async def _metrics(self, _: Request) -> Response:
+        return Response(body=self._render(), content_type=METRICS_CONTENT_TYPE)

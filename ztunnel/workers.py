@@ -58,10 +58,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
-from aiohttp import web
-
 from ambient.aio import OwnedTasks, cancel_on_signals
+from ambient.telemetry import admin_http
+from ambient.telemetry.admin_http import FetchError
 from ambient.telemetry.logs import current_level, setup_logging
 from ambient.telemetry.registry import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ambient.xds.store import WorkloadSnapshot
@@ -306,7 +305,7 @@ class WorkerPool:
         self.snapshot_seen = asyncio.Event()
         self._tasks = OwnedTasks(log)
         self._closing = False
-        self._session: aiohttp.ClientSession | None = None
+        self._fetching = False  # the workers' admin pages are read between start() and close()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -325,7 +324,7 @@ class WorkerPool:
             first: asyncio.Future[None] = loop.create_future()
             firsts.append(first)
             self._tasks.spawn(self._supervise(slot, first), name=f"worker-{index}")
-        self._session = aiohttp.ClientSession()
+        self._fetching = True
         try:
             await asyncio.gather(*firsts)
         except WorkerError:
@@ -362,8 +361,7 @@ class WorkerPool:
         for slot in self.slots:
             slot.admin.close()
             slot.metrics.close()
-        if self._session is not None:
-            await self._session.close()
+        self._fetching = False
 
     def pids(self) -> list[int]:
         return [slot.pid for slot in self.slots if slot.pid is not None]
@@ -499,16 +497,13 @@ class WorkerPool:
     # -- admin, metrics, readiness -------------------------------------------------------------------------
     async def _fetch(self, slot: WorkerSlot, port_of: socket.socket, path: str,
                      method: str = "GET") -> tuple[int, bytes] | None:
-        if self._session is None:
+        if not self._fetching:
             return None
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        url = f"http://{host}:{port_of.getsockname()[1]}{path}"
         try:
-            async with self._session.request(method, url, timeout=aiohttp.ClientTimeout(total=ADMIN_FETCH_TIMEOUT)
-                                              ) as response:
-                return response.status, await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.debug("worker %d: %s %s failed: %s", slot.index, method, path, exc or type(exc).__name__)
+            return await admin_http.fetch(self.host, port_of.getsockname()[1], path, method=method,
+                                          timeout=ADMIN_FETCH_TIMEOUT)
+        except FetchError as exc:
+            log.debug("worker %d: %s", slot.index, exc)
             return None
 
     async def config_dump(self) -> Json:
@@ -573,10 +568,10 @@ class PoolAdminServer(AdminServer):
         super().__init__(pool, on_quit, address, readiness=readiness)
         self._pool = pool
 
-    async def _config_dump(self, _: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(await self._pool.config_dump(), indent=2), content_type="application/json")
+    async def _config_dump(self, _: admin_http.Request) -> admin_http.Response:
+        return admin_http.json_response(await self._pool.config_dump())
 
-    async def _logging(self, request: web.Request) -> web.Response:
+    async def _logging(self, request: admin_http.Request) -> admin_http.Response:
         response = await super()._logging(request)
         level = request.query.get("level")
         if level and response.status == 200:
@@ -591,10 +586,8 @@ class PoolMetricsServer(MetricsServer):
         super().__init__(pool.metrics.render, address)
         self._pool = pool
 
-    async def _metrics(self, _: web.Request) -> web.Response:
-        response = web.Response(body=await self._pool.metrics_text())
-        response.headers["Content-Type"] = METRICS_CONTENT_TYPE
-        return response
+    async def _metrics(self, _: admin_http.Request) -> admin_http.Response:
+        return admin_http.Response(body=await self._pool.metrics_text(), content_type=METRICS_CONTENT_TYPE)
 
 
 # -- merging the workers' pages (pure) ---------------------------------------------------------------------
@@ -727,11 +720,7 @@ class InheritedSocketServer:
         self.server, self.sock = server, sock
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.server._app, access_log=None)
-        await runner.setup()
-        await web.SockSite(runner, self.sock).start()
-        self.server._runner = runner
-        self.server.port = self.sock.getsockname()[1]
+        await self.server.start(self.sock)
 
     async def close(self) -> None:
         await self.server.close()

@@ -1,9 +1,10 @@
-"""A counter registry cheap enough for the data path, rendered in the Prometheus text format on demand.
+"""A metrics registry cheap enough for the data path, rendered in the Prometheus text format on demand.
 
 Why not prometheus_client's `Counter.labels(...).inc()` per chunk: resolving a child by 23 label values
 costs microseconds (see `bench/metrics_path.py`); here a series is a plain `dict[tuple, int]` entry that
-callers add to, and the label text of each series is escaped once and cached. Rendering walks the dicts;
-it never blocks writers (there is one asyncio loop) and costs O(series).
+callers add to, and the label text of each series is escaped once and cached. Histograms hand out one
+`HistogramSeries` per label key, resolved once by the caller and then observed with a bisect and three adds.
+Rendering walks the dicts; it never blocks writers (there is one asyncio loop) and costs O(series).
 
 Not thread-safe by design: every writer and the renderer run on the owning process's loop. Series are
 never removed (Prometheus counters are monotonic), as in ztunnel's prometheus-client families.
@@ -11,6 +12,8 @@ never removed (Prometheus counters are monotonic), as in ztunnel's prometheus-cl
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -117,8 +120,77 @@ class Gauge:
         out.append(f"# HELP {self.name} {escape_help(self.help)}\n# TYPE {self.name} gauge\n{self.name} {self.value}\n")
 
 
-Metric = CounterFamily | Counter | Gauge
-M = TypeVar("M", CounterFamily, Counter, Gauge)
+def format_bound(bound: float) -> str:
+    """A bucket bound as Envoy's Prometheus output writes `le` (`%.32g`: 0.5, 1, 3600000)."""
+    return "+Inf" if math.isinf(bound) else f"{bound:.32g}"
+
+
+def format_value(value: float) -> str:
+    """A sample value: integers without a fraction, others in Python's shortest round-trip form."""
+    if isinstance(value, int) or (math.isfinite(value) and value.is_integer() and abs(value) < 2**53):
+        return str(int(value))
+    return repr(value)
+
+
+class HistogramSeries:
+    """One label key's buckets (not cumulative: `buckets[i]` counts values in (bounds[i-1], bounds[i]],
+    the last one the values above every bound), sum and count."""
+
+    __slots__ = ("_bounds", "buckets", "count", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self._bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
+        self.sum: float = 0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect.bisect_left(self._bounds, value)] += 1  # le is inclusive: value == bound fits it
+        self.sum += value
+        self.count += 1
+
+
+class HistogramFamily:
+    """A histogram with labels. Hot paths resolve `series(key)` once per key and keep it."""
+
+    __slots__ = ("_label_text", "_le", "bounds", "help", "name", "values")
+
+    def __init__(self, name: str, help_text: str, labels: LabelText, bounds: Sequence[float]) -> None:
+        if list(bounds) != sorted(set(bounds)) or not bounds:
+            raise ValueError(f"histogram {name}: bucket bounds must be increasing and unique, got {list(bounds)}")
+        self.name = name
+        self.help = help_text
+        self._label_text = labels
+        self.bounds = tuple(float(b) for b in bounds)
+        self._le = [f'le="{format_bound(b)}"' for b in self.bounds] + ['le="+Inf"']
+        self.values: dict[LabelKey, HistogramSeries] = {}
+
+    def series(self, key: LabelKey) -> HistogramSeries:
+        found = self.values.get(key)
+        if found is None:
+            self._label_text(key)  # validates the key's length now rather than at render time
+            found = self.values[key] = HistogramSeries(self.bounds)
+        return found
+
+    def observe(self, key: LabelKey, value: float) -> None:
+        self.series(key).observe(value)
+
+    def render(self, out: list[str]) -> None:
+        name = self.name
+        out.append(f"# HELP {name} {escape_help(self.help)}\n# TYPE {name} histogram\n")
+        label_text = self._label_text
+        for key, series in self.values.items():
+            labels = label_text(key)
+            open_labels = labels[:-1] + "," if labels != "{}" else "{"
+            cumulative = 0
+            for le, count in zip(self._le, series.buckets, strict=True):
+                cumulative += count
+                out.append(f"{name}_bucket{open_labels}{le}}} {cumulative}\n")
+            out.append(f"{name}_sum{labels} {format_value(series.sum)}\n{name}_count{labels} {series.count}\n")
+
+
+Metric = CounterFamily | Counter | Gauge | HistogramFamily
+M = TypeVar("M", CounterFamily, Counter, Gauge, HistogramFamily)
 
 
 class Registry:
@@ -139,6 +211,10 @@ class Registry:
 
     def counter_family(self, name: str, help_text: str, labels: LabelText) -> CounterFamily:
         return self._add(CounterFamily(name, help_text, labels))
+
+    def histogram_family(self, name: str, help_text: str, labels: LabelText,
+                         bounds: Sequence[float]) -> HistogramFamily:
+        return self._add(HistogramFamily(name, help_text, labels, bounds))
 
     def counter(self, name: str, help_text: str) -> Counter:
         return self._add(Counter(name, help_text))
