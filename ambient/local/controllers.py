@@ -26,11 +26,11 @@ from typing import Any
 
 from ambient.kube.client import KubeClient
 from ambient.kube.errors import ApiError
+from ambient.kube.events import EventRecorder
 from ambient.kube.informer import Informer
 from ambient.kube.resources import ResourceTable, ResourceType
 from ambient.kube.selectors import labels_match, selector_from_match_labels
 from ambient.local.dns import ClusterZone
-from ambient.kube.events import EventRecorder
 
 log = logging.getLogger("ambient.controllers")
 Obj = dict[str, Any]

@@ -121,13 +121,14 @@ def control_child(state: StateDir) -> Child:
     argv = [sys.executable, "-m", "ambient.control.main", "--kubeconfig", str(state.kubeconfig),
             "--listen", HOST_IP, "--serving-ip", HOST_IP, "--ca-dir", str(state.mesh_ca_dir),
             "--bootstrap-tokens", str(state.bootstrap_tokens), "--root-cert-out", str(state.mesh_root_cert),
-            # Until the waypoint exists, waypoint pods run a stand-in: readiness on 15021 and an L4 pass-through
-            # on 15008, with a certificate asked for with the node's ztunnel token (a node proxy may ask for
-            # identities of pods on its node). Local-cluster-only wiring; `$(NODE_NAME)` is the pod's env.
+            # Waypoint pods run our waypoint. Local-cluster-only wiring: it reads the L7 resources with the
+            # cluster's kubeconfig, and asks for its certificate with the node's ztunnel token (a node proxy may
+            # ask for identities of pods on its node, hence --impersonate). `$(NODE_NAME)` is the pod's env.
             "--waypoint-command", " ".join((
-                sys.executable, "-m", "ambient.local.standin_waypoint", "--ca-address", f"{HOST_IP}:15012",
-                "--root-cert", str(state.mesh_root_cert),
-                "--token-path", str(state.node_token("$(NODE_NAME)"))))]
+                sys.executable, "-m", "waypoint.main", "--name", "$(GATEWAY_NAME)", "--namespace", "$(POD_NAMESPACE)",
+                "--kubeconfig", str(state.kubeconfig), "--xds-address", f"{HOST_IP}:15012",
+                "--ca-address", f"{HOST_IP}:15012", "--root-cert", str(state.mesh_root_cert),
+                "--token-path", str(state.node_token("$(NODE_NAME)")), "--impersonate"))]
     return Child("ambient-control", argv, state)
 
 
