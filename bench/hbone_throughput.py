@@ -61,6 +61,7 @@ from ambient.identity.certs import WorkloadCertificate
 from ambient.identity.keys import build_csr, generate_key, private_key_pem
 from ambient.identity.signer import CaSigner
 from ambient.identity.spiffe import SpiffeId
+from ambient.relay import CHUNK, TcpStream, relay
 from bench.envoy import (
     EnvoyError,
     EnvoyProcess,
@@ -73,7 +74,6 @@ from bench.envoy import (
 from samples.loadclient.pacing import Pacing, drive
 from samples.loadclient.result import LoadResult
 from samples.loadclient.tcp_load import payload_of, run_tcp
-from ambient.relay import CHUNK, TcpStream, relay
 
 TD = "cluster.local"
 IDS = {"our-out": SpiffeId(TD, "bench", "our-client"), "our-in": SpiffeId(TD, "bench", "our-server"),

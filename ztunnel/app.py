@@ -32,6 +32,7 @@ from ambient.identity.manager import CertificateManager
 from ambient.identity.spiffe import SpiffeId
 from ambient.netns import NetnsExecutor
 from ambient.proto import workload_pb2
+from ambient.relay import ByteStream, TcpStream, relay
 from ambient.xds.client import ClientConfig, XdsClient
 from ambient.xds.store import StoreChanges, WorkloadSnapshot, WorkloadStore
 from ambient.xds.types import ztunnel_node_id
@@ -43,7 +44,6 @@ from ztunnel.dns import DnsProxy
 from ztunnel.metrics import ZtunnelMetrics, labels_for
 from ztunnel.proxy import sockets
 from ztunnel.proxy.pod import PodProxy
-from ambient.relay import ByteStream, TcpStream, relay
 
 log = logging.getLogger("ztunnel")
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import pytest
 
 from ambient.hbone import ConnectRequest
-from tests.integration.hbone.conftest import WAIT, Env, Mesh, listener, running_env
 from ambient.relay import TcpStream, relay
+from tests.integration.hbone.conftest import WAIT, Env, Mesh, listener, running_env
 
 pytestmark = pytest.mark.timeout(60)
 
