@@ -43,6 +43,8 @@ CertificateSource = Callable[[], Awaitable[WorkloadCertificate]]
 AppProtocol = workload_pb2.AppProtocol
 L4_PROTOCOLS = frozenset({workload_pb2.TCP, workload_pb2.TLS})
 HTTP_PROTOCOLS = frozenset({workload_pb2.HTTP11, workload_pb2.HTTP2, workload_pb2.GRPC})
+INVALID_CONFIG_REASON = "InvalidConfig"  # the Event reason on an object the waypoint could not (fully) apply
+CONFIG_WARNING_REASON = "ConfigWarning"  # applied, with something ignored or suspicious
 RECOMPILE_WARN = 0.25  # seconds: a compile this slow is worth a log line
 
 
@@ -73,20 +75,22 @@ class ConfigErrorsReporter:
     seen: set[tuple[str, str, str, str, str]]
 
     async def report(self, errors: list[Any], objects: L7Objects) -> None:
-        index = {(o.get("kind"), o["metadata"].get("namespace"), o["metadata"].get("name")): o
-                 for group in (objects.virtual_services, objects.destination_rules, objects.http_routes,
-                               objects.authorization_policies, objects.request_authentications)
-                 for o in group}
+        groups = {"VirtualService": objects.virtual_services, "DestinationRule": objects.destination_rules,
+                  "HTTPRoute": objects.http_routes, "AuthorizationPolicy": objects.authorization_policies,
+                  "RequestAuthentication": objects.request_authentications}
+        index = {(kind, o["metadata"].get("namespace"), o["metadata"].get("name")): {"kind": kind, **o}
+                 for kind, group in groups.items() for o in group}
         current = set()
         for error in errors:
             key = (error.kind, error.namespace, error.name, error.field, error.message)
             current.add(key)
             if key in self.seen:
                 continue
-            log.warning("config error in %s %s/%s: %s: %s", *key)
+            log.warning("config %s", error)
             obj = index.get((error.kind, error.namespace, error.name))
             if self.recorder is not None and obj is not None:
-                await self.recorder.record(obj, "Warning", "InvalidConfig", f"{error.field}: {error.message}")
+                await self.recorder.record(obj, "Warning", INVALID_CONFIG_REASON if error.severity == "error"
+                                           else CONFIG_WARNING_REASON, f"{error.field}: {error.message}")
         self.seen = current
 
 
@@ -102,6 +106,7 @@ class Waypoint:
         self.compiled: Compiled = compile_config(self.objects, store.snapshot, config)
         self.hbone_client = hbone_client or HboneClient()
         self.proxy = Proxy(config, lambda: self.compiled, certificate, self.hbone_client)
+        self.proxy.jwt.on_change = self.report_errors
         self.server = HboneServer(lambda _ip: certificate(), self.on_connect)
         self.errors = ConfigErrorsReporter(EventRecorder(kube, "waypoint") if kube is not None else None, set())
         self.config_seen = asyncio.Event()
@@ -123,8 +128,13 @@ class Waypoint:
         spent = time.monotonic() - started
         if spent > RECOMPILE_WARN:
             log.warning("recompiling the L7 configuration took %.0f ms", spent * 1000)
-        if compiled.errors or self.errors.seen:
-            self._report = asyncio.get_running_loop().create_task(self.errors.report(compiled.errors, self.objects))
+        self.report_errors()
+
+    def report_errors(self) -> None:
+        """Log and record (as Events) the current config errors: compile errors and JWKS fetch failures."""
+        errors = [*self.compiled.errors, *self.proxy.jwt.errors]
+        if errors or self.errors.seen:
+            self._report = asyncio.get_running_loop().create_task(self.errors.report(errors, self.objects))
 
     # -- data path -----------------------------------------------------------------------------------
     async def on_connect(self, request: ConnectRequest) -> None:
