@@ -66,7 +66,7 @@ from waypoint.telemetry import RequestRecord, Telemetry, ensure_trace
 from waypoint.upstream.endpoints import Endpoint, endpoints_for
 from waypoint.upstream.lb import hash_key, make_balancer
 from waypoint.upstream.outlier import OutlierDetector, usable_hosts
-from waypoint.upstream.retry import RetryDecision, RetryState, effective_policy
+from waypoint.upstream.retry import RetryBudget, RetryDecision, RetryState, effective_policy
 
 log = logging.getLogger("waypoint.proxy")
 
@@ -177,6 +177,7 @@ class Cluster:
         self.balancer = make_balancer(policy.lb, rng=rng)
         self.outlier = OutlierDetector(policy.outlier) if policy.outlier is not None else None
         self.limits = ClusterLimits(ConnectionPoolLimits.from_policy(policy.connection_pool))
+        self.retry_budget = RetryBudget(policy.connection_pool.max_retries)
         self.endpoints: list[Endpoint] = []
         self.generation = -1
         self.pools: dict[str, UpstreamPool] = {}
@@ -188,6 +189,8 @@ class Cluster:
             if policy.outlier != self.policy.outlier:
                 self.outlier = OutlierDetector(policy.outlier) if policy.outlier is not None else None
             self.limits.update(ConnectionPoolLimits.from_policy(policy.connection_pool))
+            if policy.connection_pool.max_retries != self.policy.connection_pool.max_retries:
+                self.retry_budget = RetryBudget(policy.connection_pool.max_retries)
             self.policy = policy
         self.endpoints = endpoints
         self.generation = generation
@@ -409,10 +412,9 @@ class Proxy:
         if destination.authority:
             head.authority = destination.authority
 
-        policy = effective_policy(route.retries)
-        retry = RetryState(policy) if policy is not None else None
+        retry_policy = effective_policy(route.retries)
         replay: BytesBody | None = None
-        if retry is not None or route.mirrors:
+        if retry_policy is not None or route.mirrors:
             replay, body = await _replayable(body, self.config.replay_buffer)
         for mirror in route.mirrors:
             if mirror.sample(self.rng):
@@ -425,6 +427,7 @@ class Proxy:
             log.info("%s: %s", route.name, exc)
             raise NO_HEALTHY from None
         record.destination(cluster, destination)
+        retry = RetryState(retry_policy, cluster.retry_budget) if retry_policy is not None else None
         protocol = "HTTP/2" if head.protocol == "HTTP/2" or _declares_h2(down.service, port) else "HTTP/1.1"
         forward = self._forward(cluster, down, head, body, replay, protocol, retry, record)
         try:
