@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from ambient.cli import manifests, waypoint, ztunnel_config
+from ambient.cli import install, manifests, waypoint, ztunnel_config
 from ambient.cli.printers import table
 from ambient.kube.client import KubeClient, KubeConfig, KubeConfigError
 from ambient.kube.errors import ApiError
@@ -653,6 +653,7 @@ def _duration(text: str) -> float:
 
 ztunnel_config.register(cli)
 waypoint.register(cli)
+install.register(cli)
 
 
 def main() -> None:
