@@ -4,7 +4,9 @@ Istio's ztunnel uses (where they exist), every default a named constant with its
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"  # PROTOCOLS §4
@@ -45,6 +47,27 @@ class ZtunnelConfig:
     workers: int = 1
 
 
+def _istio_address(value: str) -> str:
+    """Istio's ztunnel takes `XDS_ADDRESS`/`CA_ADDRESS` as URIs (`https://host:port`, scheme optional);
+    gRPC here dials `host:port`."""
+    return value.removeprefix("https://").rstrip("/")
+
+
+def _default_server_name(env: Mapping[str, str], xds_address: str) -> str:
+    """The name the control plane's certificate must carry: Istio's `ALT_XDS_HOSTNAME`, else the host of
+    the xDS address when it is a DNS name (as Istio's ztunnel verifies, e.g. `istiod-canary.istio-system.svc`
+    for a revision), else `istiod.istio-system.svc` (an IP address: the name istiod's certificate carries)."""
+    named = env.get("XDS_SERVER_NAME") or env.get("ALT_XDS_HOSTNAME")
+    if named:
+        return named
+    host = _istio_address(xds_address).rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host if host and host != "localhost" else CONTROL_SERVER_NAME
+    return CONTROL_SERVER_NAME
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ZtunnelConfig, str]:
     env = os.environ
     p = argparse.ArgumentParser(prog="ztunnel", description="ambient node L4 proxy (Istio ztunnel, in-pod mode)")
@@ -52,10 +75,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ZtunnelConfig, str]:
     p.add_argument("--node-ip", default=env.get("INSTANCE_IP", ""))
     p.add_argument("--xds-address", default=env.get("XDS_ADDRESS", XDS_ADDRESS))
     p.add_argument("--ca-address", default=env.get("CA_ADDRESS", CA_ADDRESS))
-    p.add_argument("--server-name", default=env.get("XDS_SERVER_NAME", CONTROL_SERVER_NAME))
-    p.add_argument("--root-cert", default=env.get("XDS_ROOT_CA", ROOT_CERT))
-    p.add_argument("--token-path", default=env.get("TOKEN_PATH", TOKEN_PATH))
-    p.add_argument("--cluster-id", default=env.get("CLUSTER_ID", CLUSTER_ID))
+    p.add_argument("--server-name", default=None, help="TLS name of the control plane (default: "
+                   "$XDS_SERVER_NAME, $ALT_XDS_HOSTNAME, the xDS address's host name, istiod.istio-system.svc)")
+    p.add_argument("--root-cert", default=env.get("XDS_ROOT_CA") or env.get("CA_ROOT_CA") or ROOT_CERT)
+    p.add_argument("--token-path", default=env.get("TOKEN_PATH") or env.get("AUTH_TOKEN") or TOKEN_PATH)
+    # Istio's chart sets ISTIO_META_CLUSTER_ID, which wins over CLUSTER_ID there too.
+    p.add_argument("--cluster-id", default=env.get("ISTIO_META_CLUSTER_ID") or env.get("CLUSTER_ID") or CLUSTER_ID)
     p.add_argument("--trust-domain", default=env.get("TRUST_DOMAIN", TRUST_DOMAIN))
     p.add_argument("--zds-socket", default=env.get("INPOD_UDS", ZDS_SOCKET))
     p.add_argument("--admin-address", default=f"127.0.0.1:{ADMIN_PORT}")
@@ -68,9 +93,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ZtunnelConfig, str]:
     if not a.node_name:
         p.error("--node-name (or $NODE_NAME) is required: ztunnel serves the pods of its own node")
     host, _, port = a.admin_address.rpartition(":")
+    # Istio's ISTIO_META_DNS_CAPTURE: the DNS proxy runs unless it is "false".
+    dns_capture = env.get("ISTIO_META_DNS_CAPTURE", "true").lower() != "false"
     return ZtunnelConfig(
-        node_name=a.node_name, node_ip=a.node_ip, xds_address=a.xds_address, ca_address=a.ca_address,
-        server_name=a.server_name, root_cert=a.root_cert, token_path=a.token_path, cluster_id=a.cluster_id,
+        node_name=a.node_name, node_ip=a.node_ip, xds_address=_istio_address(a.xds_address),
+        ca_address=_istio_address(a.ca_address),
+        server_name=a.server_name or _default_server_name(env, a.xds_address), dns_capture=dns_capture,
+        root_cert=a.root_cert, token_path=a.token_path, cluster_id=a.cluster_id,
         trust_domain=a.trust_domain, zds_socket=a.zds_socket, admin_address=(host, int(port)),
         metrics_address=(a.listen_ip, METRICS_PORT), readiness_address=(a.listen_ip, READINESS_PORT),
         dns_upstreams=tuple(a.dns_upstream), log_format=a.log_format, workers=a.workers), a.log_level
