@@ -261,6 +261,11 @@ class Proxy:
         endpoints: list[Endpoint] = []
         for service in compiled.snapshot.services_by_hostname.get(hostname.lower(), ()):
             endpoints += endpoints_for(compiled.snapshot, service, port, compiled.pod_labels, subset_labels)
+        if not endpoints and subset is None:  # a workload-addressed destination (workload waypoints): that pod
+            with contextlib.suppress(ValueError):
+                workload = compiled.snapshot.workload_by_ip(hostname)
+                if workload is not None:
+                    endpoints = [workload_endpoint(workload, port)]
         cluster.update(endpoints, policy, compiled.generation)
         return cluster
 
@@ -428,7 +433,7 @@ class Proxy:
             raise NO_HEALTHY from None
         record.destination(cluster, destination)
         retry = RetryState(retry_policy, cluster.retry_budget) if retry_policy is not None else None
-        protocol = "HTTP/2" if head.protocol == "HTTP/2" or _declares_h2(down.service, port) else "HTTP/1.1"
+        protocol = upstream_protocol(down.service, port, head.protocol)
         forward = self._forward(cluster, down, head, body, replay, protocol, retry, record)
         try:
             response, response_body = await (asyncio.wait_for(forward, route.timeout) if route.timeout else forward)
@@ -554,11 +559,15 @@ def _principal(identity: str | None) -> str:
     return identity.removeprefix("spiffe://") if identity else ""
 
 
-def _declares_h2(service: workload_pb2.Service | None, port: int) -> bool:
-    if service is None:
-        return False
-    return any(p.service_port == port and p.app_protocol in (workload_pb2.HTTP2, workload_pb2.GRPC)
-               for p in service.ports)
+def upstream_protocol(service: workload_pb2.Service | None, port: int, downstream: str) -> str:
+    """As Envoy in Istio: HTTP/2 to ports declared http2/grpc, HTTP/1.1 to ports declared http; the caller's
+    protocol only where the port declares none (and for workload-addressed destinations)."""
+    declared = next((p.app_protocol for p in service.ports if p.service_port == port), None) if service else None
+    if declared in (workload_pb2.HTTP2, workload_pb2.GRPC):
+        return "HTTP/2"
+    if declared == workload_pb2.HTTP11:
+        return "HTTP/1.1"
+    return downstream
 
 
 def _grpc_status(response: ResponseHead) -> int | None:
