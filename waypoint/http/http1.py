@@ -16,6 +16,14 @@ than `h2c` (which is ignored, as RFC 9110 allows) → 501 and close. A handler e
 connection survives. Request body left unread after the response: up to `drain_limit` bytes are discarded
 to keep the connection, beyond that (or when a 100-continue was never sent) the connection closes.
 
+A client that goes away while its request is handled has the handler cancelled, releasing its upstream
+request and pool slot (Envoy resets the upstream, flag DC): once the request body is in, the stream is
+read on, and a read error, or an EOF on a stream that can no longer be written (a reset: HBONE
+RST_STREAM(NO_ERROR) reads as EOF, but writes fail), cancels the handler and closes the connection. A half
+close (EOF on a stream still writable: HBONE END_STREAM, TCP shutdown(SHUT_WR), and a TCP FIN before any
+RST) ends only the request: the response is still sent (Envoy's HTTP/1 codec would close on a downstream
+FIN). Bytes arriving meanwhile (a pipelined request) stop that reading: they wait in the queue (one read).
+
 Client behaviour: one request at a time; the request body is written by a task while the response is
 read, so an early answer (e.g. 413) is seen; 1xx answers are skipped; a response that ends before the
 request body is written, a `Connection: close` or a discarded response body closes the connection.
@@ -111,6 +119,7 @@ class Http1Input:
         self.queue: deque[Event] = deque()
         self.error: HttpError | None = None
         self.eof = False  # the peer closed between messages
+        self.broken = False  # a read failed: the stream was reset or lost
         self.received = 0  # bytes read so far
         self.skip_body = False  # client: the pending response answers a HEAD
         self.unclean = False  # bytes followed a bodiless response: the connection must not be reused
@@ -248,6 +257,7 @@ class Http1Input:
             try:
                 data = await self._stream.read(self._limits.read_size)
             except STREAM_ERRORS as exc:
+                self.broken = True
                 self._fail(StreamReset(f"connection lost: {exc}", "connection_lost"))
                 return
             if data:
@@ -537,7 +547,7 @@ async def write_body(stream: ByteStream, encoder: BodyEncoder, body: Body, pendi
 
 # -- server ----------------------------------------------------------------------------------------------
 class _RequestBody(Body):
-    __slots__ = ("_conn", "closed", "done", "error", "expect_continue")
+    __slots__ = ("_conn", "_ended", "closed", "done", "error", "expect_continue")
 
     def __init__(self, conn: _ServerConnection, length: int | None, expect_continue: bool) -> None:
         super().__init__(length)
@@ -546,8 +556,20 @@ class _RequestBody(Body):
         self.done = length == 0  # the message end was consumed
         self.closed = False
         self.error: HttpError | None = None
+        self._ended: asyncio.Future[None] | None = None
         if self.done:
             conn.input.body_event_nowait()  # the _End of a bodiless request, already parsed
+
+    async def ended(self) -> None:
+        """Wait until the body was read to its end (or failed)."""
+        if not self.done:
+            self._ended = asyncio.get_running_loop().create_future()
+            await self._ended
+
+    def _set_done(self) -> None:
+        self.done = True
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
 
     async def read(self) -> bytes:
         if self.done or self.closed:
@@ -562,7 +584,7 @@ class _RequestBody(Body):
             event = await self._conn.input.body_event()
         except HttpError as exc:
             self.error = exc
-            self.done = True
+            self._set_done()
             raise
         return self._take(event)
 
@@ -578,7 +600,7 @@ class _RequestBody(Body):
         if type(event) is bytes:
             return event
         assert isinstance(event, _End)
-        self.done = True
+        self._set_done()
         if event.trailers:
             self.trailers = Headers.from_lowered(_decode_fields(event.trailers)[0])
         return b""
@@ -663,7 +685,12 @@ class _ServerConnection:
         body = _RequestBody(self, _content_length(msg) if msg.framed else 0, expect)
         self.responding = False
         try:
-            response, response_body = await self.handler(head, body)
+            handled = await self._handle(head, body)
+            if handled is None:
+                log.debug("request %s %s%s abandoned: the client went away", head.method, head.authority,
+                          head.path_only)
+                return False
+            response, response_body = handled
         except Exception as exc:
             if body.error is not None:  # the client broke its request (or went away) while it was read
                 if isinstance(body.error, ProtocolError):
@@ -707,6 +734,46 @@ class _ServerConnection:
         finally:
             await response_body.aclose()
         return await self._finish_request(body) and keep_alive
+
+    async def _handle(self, head: RequestHead, body: _RequestBody) -> tuple[ResponseHead, Body] | None:
+        """Run the handler in a task of its own, cancelled if the client goes away meanwhile (then None)."""
+        handling = asyncio.ensure_future(self.handler(head, body))
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            if await self._client_gone(body):
+                gone = True
+                handling.cancel()
+
+        watching = self._loop.create_task(watch())
+        try:
+            return await handling
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if gone and (current is None or not current.cancelling()):
+                return None
+            raise
+        finally:
+            watching.cancel()  # a read it had started is shared (Http1Input.fill): nothing is lost
+
+    async def _client_gone(self, body: _RequestBody) -> bool:
+        """Once the request body is in, read on while nothing is queued: True when the read fails, or the
+        stream ended and cannot be written any more (the client reset it: an HBONE RST_STREAM(NO_ERROR) reads
+        as EOF); False when it still can (a half close) or a pipelined request arrived."""
+        await body.ended()
+        inp = self.input
+        while not inp.queue and inp.error is None and not inp.eof:
+            await inp.fill()
+        if inp.queue or isinstance(inp.error, ProtocolError):
+            return False  # the next request (or garbage): served (or refused) after this one
+        if inp.broken:
+            return True
+        try:
+            await self.stream.write(b"")  # raises once the stream was reset or lost
+        except STREAM_ERRORS:
+            return True
+        return False
 
     async def _finish_request(self, body: _RequestBody) -> bool:
         """After the response: discard what is left of the request body; False to close instead."""

@@ -3,7 +3,10 @@
 One `UpstreamPool` per upstream endpoint holds its HTTP/1.1 and HTTP/2 connections; the integrator gives it
 a dialer that opens the transport (an HBONE tunnel to `podIP:15008`). The circuit-breaker counters live in
 a `ClusterLimits` shared by every endpoint pool of one cluster (service + subset), as in Envoy:
-- `max_connections`: connections open or being opened, cluster-wide;
+- `max_connections`: connections open or being opened, cluster-wide; as in Envoy
+  (`ConnPoolImplBase::tryCreateNewConnection`) an endpoint pool with no connection of the protocol at all
+  (ready, busy or connecting) dials anyway past it, counted in `cx_overflows` (upstream_cx_overflow), so a
+  request balanced to that endpoint is not left waiting for another endpoint's idle connection;
 - `http1_max_pending_requests`: requests waiting for a connection (HTTP/2 ones too, as in Envoy);
 - `http2_max_requests`: requests in flight, cluster-wide, whatever the protocol (Envoy's max_requests);
 beyond them `request` raises `Overflow` (the proxy answers 503, flag UO).
@@ -94,6 +97,7 @@ class ClusterLimits:
         self.pending = 0
         self.requests = 0
         self.overflows = 0  # requests refused (for the proxy's stats)
+        self.cx_overflows = 0  # maxConnections reached when a request wanted a new connection (upstream_cx_overflow)
         self._pools: list[UpstreamPool] = []
 
     def update(self, limits: ConnectionPoolLimits) -> None:
@@ -138,6 +142,7 @@ class UpstreamPool:
         self._h1_idle: list[Http1ClientConnection] = []  # a stack: the warmest connection is reused first
         self._h1_busy: set[Http1ClientConnection] = set()
         self._h1_waiters: deque[asyncio.Future[Http1ClientConnection | None]] = deque()
+        self._h1_connecting = 0
         self._h2: list[Http2ClientConnection] = []
         self._h2_dialing: asyncio.Future[Http2ClientConnection] | None = None
         self._h2_waiters: deque[asyncio.Future[None]] = deque()
@@ -221,7 +226,7 @@ class UpstreamPool:
                 conn = self._idle_h1()
                 if conn is not None:
                     return conn
-                if cluster.connections < cluster.limits.max_connections:
+                if self._may_dial(self._has_h1(), count=not pending):
                     return await self._dial_h1()
                 waiter: asyncio.Future[Http1ClientConnection | None] = self._loop.create_future()
                 if pending:
@@ -263,7 +268,7 @@ class UpstreamPool:
                 if conn is not None:
                     return conn
                 dialing = self._h2_dialing
-                if dialing is None and cluster.connections < cluster.limits.max_connections:
+                if dialing is None and self._may_dial(self._has_h2(), count=not pending):
                     return await self._dial_h2()
                 if dialing is not None:
                     pending = pending or self._enter_pending()
@@ -288,6 +293,39 @@ class UpstreamPool:
                 return conn
         return None
 
+    def _may_dial(self, has_connections: bool, count: bool) -> bool:
+        """A request may open a connection: below maxConnections, or past it when this pool has no
+        connection of the protocol (Envoy's `tryCreateNewConnection`); reaching the limit is counted once per
+        request (`count`) as upstream_cx_overflow."""
+        cluster = self._cluster
+        if cluster.connections < cluster.limits.max_connections:
+            return True
+        if count:
+            cluster.cx_overflows += 1
+        return not has_connections
+
+    def _has_h1(self) -> bool:
+        return bool(self._h1_idle or self._h1_busy or self._h1_connecting)
+
+    def _has_h2(self) -> bool:
+        """A connection that is or will be usable (one draining after GOAWAY or its last request is not)."""
+        limit = self._limits.max_requests_per_connection
+        return self._h2_dialing is not None or any(
+            not conn.closed and conn.goaway_received is None and not (limit and conn.requests >= limit)
+            for conn in self._h2)
+
+    def _connection_gone(self) -> None:
+        """One of this pool's connections closed: its slot goes to the cluster."""
+        self._cluster.connection_closed()
+        self._wake_if_empty()
+
+    def _wake_if_empty(self) -> None:
+        """A request waiting here with no connection of its protocol left is woken to dial its own."""
+        if self._h1_waiters and not self._has_h1():
+            _wake(self._h1_waiters)
+        if self._h2_waiters and not self._has_h2():
+            _wake(self._h2_waiters)
+
     def _enter_pending(self) -> bool:
         cluster = self._cluster
         if cluster.pending >= cluster.limits.http1_max_pending_requests:
@@ -304,7 +342,7 @@ class UpstreamPool:
             async with asyncio.timeout(self._limits.connect_timeout):
                 return await self._dialer()
         except BaseException as exc:
-            cluster.connection_closed()
+            cluster.connection_closed()  # the caller wakes this pool's waiters (_wake_if_empty)
             if isinstance(exc, TimeoutError):
                 raise ConnectFailure(f"connecting to {self.name} timed out after {self._limits.connect_timeout:g}s",
                                      "connect_timeout") from exc
@@ -313,7 +351,14 @@ class UpstreamPool:
             raise
 
     async def _dial_h1(self) -> Http1ClientConnection:
-        stream = await self._dial()
+        self._h1_connecting += 1
+        try:
+            stream = await self._dial()
+        except BaseException:
+            self._h1_connecting -= 1
+            self._wake_if_empty()
+            raise
+        self._h1_connecting -= 1
         conn = Http1ClientConnection(stream, limits=self._http_limits)
         if self._closed:
             await conn.close()
@@ -331,9 +376,10 @@ class UpstreamPool:
             dialing.set_exception(exc if isinstance(exc, ConnectFailure) else
                                   ConnectFailure(f"connecting to {self.name} was cancelled", "connect_cancelled"))
             dialing.exception()  # retrieved: nobody may be waiting
-            raise
-        finally:
             self._h2_dialing = None
+            self._wake_if_empty()
+            raise
+        self._h2_dialing = None
         conn = Http2ClientConnection(stream, limits=self._http_limits)
         conn.on_close = lambda: self._h2_closed(conn)
         self._h2.append(conn)
@@ -380,7 +426,7 @@ class UpstreamPool:
         if conn in self._h2:
             self._h2.remove(conn)
             self._idle_since.pop(conn, None)
-            self._cluster.connection_closed()
+            self._connection_gone()
 
     def _retire(self, conn: Connection) -> None:
         """Close `conn` and give its slot back."""
@@ -393,7 +439,7 @@ class UpstreamPool:
         self._idle_since.pop(conn, None)
         if not conn.closed:
             self._tasks.spawn(conn.close(), f"close {conn!r}")
-        self._cluster.connection_closed()
+        self._connection_gone()
 
     def wake_one(self) -> bool:
         """A connection slot freed: let the longest-waiting request look again. False if none waits here."""

@@ -185,3 +185,52 @@ async def test_a_proxy_chain_streams_both_ways_with_backpressure(mesh: Mesh) -> 
         finally:
             listening.close()
             await pool.close()
+
+
+class Held:
+    """A handler that holds every request until released (or cancelled); `cancelled` counts cancellations."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.arrived = 0
+        self.cancelled = 0
+
+    async def __call__(self, head: RequestHead, body: Body) -> tuple[ResponseHead, Body]:
+        self.arrived += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return ResponseHead(200, Headers()), bytes_body(head.path.encode())
+
+
+async def test_a_tunnel_closed_while_its_http1_request_is_handled_cancels_the_handler(mesh: Mesh) -> None:
+    """close() on the calling side (END_STREAM, then RST_STREAM: the tunnel can no longer carry an answer)
+    cancels the handler, as Envoy resets the upstream of a request whose caller left (flag DC)."""
+    held = Held()
+    async with hbone_env(mesh, held) as env:
+        tunnel = await env.dial()
+        await tunnel.write(b"GET /held HTTP/1.1\r\nHost: svc\r\n\r\n")
+        await eventually(lambda: held.arrived == 1, "the request at the handler")
+        tunnel.close()
+        await eventually(lambda: held.cancelled == 1, "the handler to be cancelled")
+        await eventually(lambda: env.open_tunnels == 0, "the server to end the tunnel")
+
+
+async def test_a_tunnel_half_closed_after_its_http1_request_still_gets_the_answer(mesh: Mesh) -> None:
+    held = Held()
+    async with hbone_env(mesh, held) as env:
+        tunnel = await env.dial()
+        await tunnel.write(b"GET /held HTTP/1.1\r\nHost: svc\r\n\r\n")
+        tunnel.write_eof()  # END_STREAM only: the request is complete, the caller still reads
+        await eventually(lambda: held.arrived == 1, "the request at the handler")
+        await eventually(lambda: tunnel.at_eof is False and env.open_tunnels == 1, "the tunnel open")
+        held.release.set()
+        answer = b""
+        async with asyncio.timeout(5):
+            while chunk := await tunnel.read():
+                answer += chunk
+        tunnel.close()
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"/held")
+        assert held.cancelled == 0

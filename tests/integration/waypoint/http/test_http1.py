@@ -5,6 +5,8 @@ bounded memory, a slow reader slowing the writer, idle close, and the client's v
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import tracemalloc
 
 import pytest
@@ -303,3 +305,72 @@ async def test_client_reads_a_response_delimited_by_the_connection_closing() -> 
         assert conn.closed and not conn.available
     finally:
         server.close()
+
+
+class Held:
+    """A handler that holds every request until released (or cancelled); `cancelled` counts cancellations."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.arrived = 0
+        self.cancelled = 0
+
+    async def __call__(self, head: RequestHead, body: Body) -> tuple[ResponseHead, Body]:
+        self.arrived += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return ResponseHead(200, Headers()), bytes_body(head.path.encode())
+
+
+async def test_a_client_that_resets_while_its_request_is_handled_cancels_the_handler() -> None:
+    """Envoy resets the upstream of a request whose client disconnected (flag DC): the handler is cancelled,
+    which releases its upstream request and pool slot."""
+    held = Held()
+    async with http_server(held) as server:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /held HTTP/1.1\r\nHost: svc\r\n\r\n")
+        await writer.drain()
+        await eventually(lambda: held.arrived == 1, "the request at the handler")
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with SO_LINGER 0: RST
+        await eventually(lambda: held.cancelled == 1, "the handler to be cancelled")
+        await eventually(lambda: server.open == 0, "the server to close the connection")
+
+
+async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer() -> None:
+    held = Held()
+    async with http_server(held) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(b"POST /held HTTP/1.1\r\nHost: svc\r\ncontent-length: 3\r\n\r\nabc")
+            writer.write_eof()  # shutdown(SHUT_WR): the request is complete, the client still reads
+            await eventually(lambda: held.arrived == 1, "the request at the handler")
+            held.release.set()
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"/held")
+        assert held.cancelled == 0
+
+
+async def test_a_request_pipelined_while_the_first_is_handled_waits_its_turn() -> None:
+    held = Held()
+    async with http_server(held) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(b"GET /first HTTP/1.1\r\nHost: svc\r\n\r\n")
+            await eventually(lambda: held.arrived == 1, "the first request at the handler")
+            writer.write(b"GET /second HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+            writer.write_eof()  # and a half close: neither cancels the first
+            await writer.drain()
+            held.release.set()
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        assert answer.count(b"HTTP/1.1 200 OK") == 2
+        assert answer.index(b"/first") < answer.index(b"/second")
+        assert held.cancelled == 0

@@ -165,6 +165,31 @@ async def test_a_client_reset_fails_the_request_body_and_cancels_the_handler() -
         await conn.close()
 
 
+async def test_a_lost_client_connection_cancels_the_handlers_of_its_streams() -> None:
+    arrived = 0
+    cancelled = 0
+
+    async def held(head: RequestHead, body: Body) -> tuple[ResponseHead, Body]:
+        nonlocal arrived, cancelled
+        arrived += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+        return ResponseHead(200, Headers()), EMPTY
+
+    async with http_server(held) as server:
+        stream = await TcpByteStream.connect("127.0.0.1", server.port)
+        conn = Http2ClientConnection(stream)
+        tasks = [asyncio.create_task(conn.request(req(f"/held{i}"), EMPTY)) for i in range(2)]
+        await eventually(lambda: arrived == 2, "both requests at the handler")
+        stream.abort()  # the client's connection is gone (no GOAWAY, no RST_STREAM)
+        await eventually(lambda: cancelled == 2, "both handlers to be cancelled")
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await conn.close()
+
+
 async def test_a_server_reset_mid_body_is_an_upstream_reset_for_the_client() -> None:
     async def broken(head: RequestHead, body: Body) -> tuple[ResponseHead, Body]:
         return ResponseHead(200, Headers()), FailingBody(b"partial", UpstreamReset("its upstream went away"))

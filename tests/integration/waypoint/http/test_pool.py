@@ -161,18 +161,77 @@ async def test_limits_are_shared_by_the_endpoint_pools_of_a_cluster() -> None:
         pool_b = UpstreamPool(b.dial, cluster, name="b")
         first = asyncio.create_task(fetch(pool_a, "/a"))
         await eventually(lambda: gate.arrived == 1, "the first request")
-        second = asyncio.create_task(fetch(pool_b, "/b"))  # waits: the cluster's one connection is used
+        second = asyncio.create_task(fetch(pool_a, "/a2"))  # waits: the cluster's one connection is used
         await eventually(lambda: cluster.pending == 1, "the second request to wait")
         with pytest.raises(Overflow):
-            await fetch(pool_b, "/c")
+            await fetch(pool_a, "/a3")
         assert cluster.overflows == 1
         gate.open.set()
-        assert await first == b"/a"
-        await pool_a.close()  # frees the cluster's connection slot: pool b may now dial
-        assert await asyncio.wait_for(second, 5) == b"/b"
-        assert (a.connections, b.connections) == (1, 1)
+        assert [await first, await second] == [b"/a", b"/a2"]
+        assert (a.connections, b.connections) == (1, 0)
+        await pool_a.close()
         await pool_b.close()
         assert cluster.connections == 0 and cluster.pending == 0 and cluster.requests == 0
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])
+async def test_a_pool_without_connections_dials_past_the_cluster_limit(protocol: str) -> None:
+    """Envoy's ConnPoolImplBase::tryCreateNewConnection: maxConnections is cluster-wide, but an endpoint pool
+    with no connection at all opens one anyway (counted as upstream_cx_overflow) rather than wait for a slot
+    another endpoint's idle connection may hold forever. A pool that has one queues as before."""
+    gate = Gate()
+    gate.open.set()
+    async with http_server(gate, HttpLimits(h2_max_concurrent_streams=1)) as a, \
+            http_server(gate, HttpLimits(h2_max_concurrent_streams=1)) as b:
+        cluster = ClusterLimits(ConnectionPoolLimits(max_connections=1, http1_max_pending_requests=1))
+        pool_a = UpstreamPool(a.dial, cluster, name="a")
+        pool_b = UpstreamPool(b.dial, cluster, name="b")
+        assert await fetch(pool_a, "/a", protocol) == b"/a"  # pool a keeps the cluster's one slot, idle
+        assert await asyncio.wait_for(fetch(pool_b, "/b", protocol), 5) == b"/b"
+        assert (a.connections, b.connections) == (1, 1)
+        assert (cluster.connections, cluster.cx_overflows, cluster.overflows) == (2, 1, 0)
+        gate.open.clear()
+        held = asyncio.create_task(fetch(pool_b, "/held", protocol))
+        await eventually(lambda: gate.arrived == 3, "a request on pool b's connection")
+        queued = asyncio.create_task(fetch(pool_b, "/queued", protocol))  # pool b has one: it waits
+        await eventually(lambda: cluster.pending == 1, "a request waiting in pool b")
+        with pytest.raises(Overflow):
+            await fetch(pool_b, "/refused", protocol)
+        assert cluster.overflows == 1 and b.connections == 1
+        gate.open.set()
+        assert [await held, await queued] == [b"/held", b"/queued"]
+        assert b.connections == 1
+        await pool_a.close()
+        await pool_b.close()
+        assert cluster.connections == 0 and cluster.pending == 0 and cluster.requests == 0
+
+
+async def test_a_request_waiting_in_a_pool_that_loses_its_last_connection_dials() -> None:
+    """Pools a and b each have a busy connection and a waiting request; b's connection breaks. Its waiting
+    request must not wait for a's slot: b has no connection left, so it dials past the limit."""
+    gate_a, gate_b = Gate(), Gate()
+    async with http_server(gate_a) as a, http_server(gate_b) as b:
+        cluster = ClusterLimits(ConnectionPoolLimits(max_connections=1, http1_max_pending_requests=2))
+        pool_a = UpstreamPool(a.dial, cluster, name="a")
+        pool_b = UpstreamPool(b.dial, cluster, name="b")
+        held_a = asyncio.create_task(fetch(pool_a, "/held-a"))
+        await eventually(lambda: gate_a.arrived == 1, "a request on pool a's connection")
+        held_b = asyncio.create_task(fetch(pool_b, "/held-b"))  # pool b has none: past the limit
+        await eventually(lambda: gate_b.arrived == 1, "a request on pool b's connection")
+        waiting_a = asyncio.create_task(fetch(pool_a, "/waiting-a"))
+        waiting_b = asyncio.create_task(fetch(pool_b, "/waiting-b"))
+        await eventually(lambda: cluster.pending == 2, "a request waiting in each pool")
+        held_b.cancel()  # breaks pool b's only connection
+        with pytest.raises(asyncio.CancelledError):
+            await held_b
+        gate_b.open.set()
+        assert await asyncio.wait_for(waiting_b, 5) == b"/waiting-b"
+        assert not waiting_a.done()  # pool a still has its connection: it waits for it
+        gate_a.open.set()
+        assert [await held_a, await waiting_a] == [b"/held-a", b"/waiting-a"]
+        await pool_a.close()
+        await pool_b.close()
+        assert cluster.connections == 0 and cluster.pending == 0
 
 
 async def test_max_requests_per_connection_retires_connections() -> None:
