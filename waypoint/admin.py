@@ -22,7 +22,7 @@ import math
 import platform
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from google.protobuf.message import Message
@@ -107,27 +107,6 @@ def config_dump_document(parts: Mapping[str, Any]) -> Json:
 
 
 # -- readiness ------------------------------------------------------------------------------------------
-class Readiness:
-    """Ready once every named component has called `mark_ready` (certificate, xDS, L7 config, ...). Calling
-    it answers `(ready, why not)`, the shape `ReadinessServer` takes."""
-
-    def __init__(self, pending: Iterable[str] = ()) -> None:
-        self.pending: set[str] = set(pending)
-
-    def mark_pending(self, name: str) -> None:
-        self.pending.add(name)
-
-    def mark_ready(self, name: str) -> None:
-        self.pending.discard(name)
-
-    @property
-    def ready(self) -> bool:
-        return not self.pending
-
-    def __call__(self) -> tuple[bool, str]:
-        return self.ready, f"pending: {', '.join(sorted(self.pending))}" if self.pending else ""
-
-
 def readiness_response(check: ReadinessCheck | None) -> Response:
     if check is None:
         return text_response("ready\n")

@@ -25,10 +25,11 @@ from ambient.identity.certs import WorkloadCertificate
 from ambient.identity.manager import CertificateManager
 from ambient.identity.spiffe import SpiffeId
 from ambient.kube.client import KubeClient, KubeConfig
+from ambient.telemetry.admin_http import Readiness
 from ambient.telemetry.logs import setup_logging
 from ambient.xds.client import ClientConfig, XdsClient
 from ambient.xds.store import WorkloadStore
-from waypoint.admin import AdminServer, MetricsServer, Readiness, ReadinessServer
+from waypoint.admin import AdminServer, MetricsServer, ReadinessServer
 from waypoint.app import Waypoint
 from waypoint.config import WaypointConfig, parse_args
 from waypoint.sources import KubeSources

@@ -34,7 +34,7 @@ from ambient.identity.certs import WorkloadCertificate
 from ambient.identity.manager import CertificateStatus
 from ambient.proto import authorization_pb2, workload_pb2
 from ambient.telemetry import admin_http
-from ambient.telemetry.admin_http import Request, Response, Router, text_response
+from ambient.telemetry.admin_http import Readiness, Request, Response, Router, text_response
 from ambient.telemetry.registry import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ambient.xds.store import WorkloadSnapshot
 from ztunnel.errors import ConfigError
@@ -316,29 +316,6 @@ def config_dump(state: StateProvider) -> Json:
         "certificates": [certificate_json(c) for c in certificates],
         "workloadState": {uid: workload_state_json(s) for uid, s in sorted(state.workload_states().items())},
     }
-
-
-# -- readiness ------------------------------------------------------------------------------------------
-class Readiness:
-    """Ready once every named component has called `mark_ready` (ztunnel: xDS synced, ZDS snapshot, ...)."""
-
-    def __init__(self, pending: Iterable[str] = ()) -> None:
-        self.pending: set[str] = set(pending)
-
-    def mark_pending(self, name: str) -> None:
-        self.pending.add(name)
-
-    def mark_ready(self, name: str) -> None:
-        self.pending.discard(name)
-
-    @property
-    def ready(self) -> bool:
-        return not self.pending
-
-    def status(self) -> tuple[int, str]:
-        if self.ready:
-            return 200, "ready\n"
-        return 500, f"not ready, pending: {', '.join(sorted(self.pending))}\n"
 
 
 def _readiness_response(readiness: Readiness | None) -> Response:

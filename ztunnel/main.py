@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ambient.aio import cancel_on_signals
+from ambient.telemetry.admin_http import Readiness
 from ambient.telemetry.logs import setup_logging
-from ztunnel.admin import AdminServer, MetricsServer, Readiness, ReadinessServer
+from ztunnel.admin import AdminServer, MetricsServer, ReadinessServer
 from ztunnel.config import ZtunnelConfig, parse_args
 from ztunnel.errors import ConfigError, ZtunnelError
 from ztunnel.zds_client import ZdsClient

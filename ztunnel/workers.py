@@ -60,7 +60,7 @@ from typing import Any, Protocol
 
 from ambient.aio import OwnedTasks, cancel_on_signals
 from ambient.telemetry import admin_http
-from ambient.telemetry.admin_http import FetchError
+from ambient.telemetry.admin_http import FetchError, Readiness
 from ambient.telemetry.logs import current_level, setup_logging
 from ambient.telemetry.registry import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ambient.xds.store import WorkloadSnapshot
@@ -77,7 +77,7 @@ from ambient.zds.protocol import (
     WorkloadInfoLike,
     ZdsError,
 )
-from ztunnel.admin import AdminServer, HttpServer, MetricsServer, Readiness, WorkloadState, config_dump
+from ztunnel.admin import AdminServer, HttpServer, MetricsServer, WorkloadState, config_dump
 from ztunnel.config import DRAIN_DEADLINE, ZtunnelConfig
 from ztunnel.errors import ZtunnelError
 from ztunnel.metrics import ZtunnelMetrics

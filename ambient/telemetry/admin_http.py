@@ -660,3 +660,31 @@ def _parse_status_head(raw: bytes) -> tuple[int, tuple[tuple[str, str], ...]]:
     if not _VERSION.fullmatch(version) or not code.isdigit() or len(code) != 3:
         raise BadRequest(f"not an HTTP/1.x status line: {_show(lines[0])}")
     return int(code), parse_header_lines(lines[1:])
+
+
+# -- readiness ------------------------------------------------------------------------------------------
+class Readiness:
+    """Ready once every named component has called `mark_ready` (ztunnel: xDS synced, ZDS snapshot; the
+    waypoint: certificate, xDS, L7 config). `status()` is the 15021 answer; calling it gives `(ready, why
+    not)`."""
+
+    def __init__(self, pending: Iterable[str] = ()) -> None:
+        self.pending: set[str] = set(pending)
+
+    def mark_pending(self, name: str) -> None:
+        self.pending.add(name)
+
+    def mark_ready(self, name: str) -> None:
+        self.pending.discard(name)
+
+    @property
+    def ready(self) -> bool:
+        return not self.pending
+
+    def __call__(self) -> tuple[bool, str]:
+        return self.ready, f"pending: {', '.join(sorted(self.pending))}" if self.pending else ""
+
+    def status(self) -> tuple[int, str]:
+        if self.ready:
+            return 200, "ready\n"
+        return 500, f"not ready, pending: {', '.join(sorted(self.pending))}\n"

@@ -17,8 +17,8 @@ import pytest
 
 from ambient.proto import workload_pb2
 from ambient.telemetry import logs
-from ambient.telemetry.admin_http import ListenError, fetch
-from waypoint.admin import AdminServer, MetricsServer, Readiness, ReadinessServer, config_dump_document
+from ambient.telemetry.admin_http import ListenError, Readiness, fetch
+from waypoint.admin import AdminServer, MetricsServer, ReadinessServer, config_dump_document
 from waypoint.http.message import Headers, RequestHead, ResponseHead, bytes_body
 from waypoint.telemetry import RequestRecord, Telemetry
 
