@@ -40,7 +40,9 @@ def test_every_sample_has_its_manifest() -> None:
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda path: path.name)
 def test_manifest_objects_are_well_formed(path: Path) -> None:
-    api_versions = {"Namespace": "v1", "Service": "v1", "ServiceAccount": "v1", "Deployment": "apps/v1"}
+    api_versions = {"Namespace": "v1", "Service": "v1", "ServiceAccount": "v1", "Deployment": "apps/v1",
+                    "VirtualService": "networking.istio.io/v1", "DestinationRule": "networking.istio.io/v1",
+                    "AuthorizationPolicy": "security.istio.io/v1", "RequestAuthentication": "security.istio.io/v1"}
     for obj in objects(path):
         assert obj["apiVersion"] == api_versions[obj["kind"]], obj
         assert obj["metadata"]["name"]
