@@ -91,10 +91,13 @@ def test_unlabelling_removes_annotations_and_rules(cluster: Cluster) -> None:
     cluster.ctl("label", "namespace", "bookinfo", "istio.io/dataplane-mode-")
     eventually(lambda: all(annotation(p) is None for p in cluster.pods("bookinfo")), timeout=30,
                what="annotations removed")
-    for pod in cluster.pods("bookinfo"):
-        saved = subprocess.run(["nsenter", f"--net={netns_of(cluster, pod)}", "iptables-save"],
-                               capture_output=True, text=True, check=True).stdout
-        assert "ISTIO" not in saved
+
+    def rules_gone() -> bool:
+        return all("ISTIO" not in subprocess.run(["nsenter", f"--net={netns_of(cluster, pod)}", "iptables-save"],
+                                                 capture_output=True, text=True, check=True).stdout
+                   for pod in cluster.pods("bookinfo"))
+
+    eventually(rules_gone, timeout=30, what="the in-pod rules removed from every bookinfo pod")
     page = cluster.exec("deploy/sleep", "curl", "-sf", "--max-time", "10",
                         "http://productpage.bookinfo:9080/productpage").stdout
     assert "Simple Bookstore App" in page, "traffic flows again without the mesh"
