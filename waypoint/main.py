@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import socket
 import sys
@@ -108,6 +109,9 @@ async def run(config: WaypointConfig) -> None:
             tg.create_task(app.server.serve(_listen(config.hbone_address)), name="hbone")
             log.info("waypoint %s/%s serving HBONE on %s:%d as %s", config.namespace, config.name,
                      *config.hbone_address, identity)
+            # Start-up objects (modules, compiled config) never die: keep them out of the collector's full
+            # passes, which otherwise pause the data path for tens of milliseconds every few thousand requests.
+            gc.freeze()
     except asyncio.CancelledError:
         pass
     finally:
@@ -134,6 +138,10 @@ async def _mark(readiness: Readiness, name: str, condition: Callable[[], Awaitab
 def main(argv: list[str] | None = None) -> None:
     config, level = parse_args(argv)
     setup_logging(config.log_format, level)
+    with contextlib.suppress(ImportError):  # as ztunnel: uvloop cuts CPU per request and the added latency
+        import uvloop
+
+        uvloop.install()
     with contextlib.suppress(KeyboardInterrupt):
         try:
             asyncio.run(run(config))

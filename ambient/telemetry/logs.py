@@ -19,6 +19,7 @@ import datetime
 import json
 import logging
 import queue
+import re
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -60,6 +61,10 @@ def timestamp(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# Strings json.dumps would write unchanged between its quotes: printable ASCII except `"` and `\\`.
+_PLAIN = re.compile(r'[ !#-\[\]-~]*')
+
+
 def _text_value(value: FieldValue) -> str:
     if isinstance(value, Bare):
         return str(value)
@@ -67,6 +72,8 @@ def _text_value(value: FieldValue) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
+    if isinstance(value, str) and _PLAIN.fullmatch(value):  # nothing to escape: skip json.dumps (hot path)
+        return f'"{value}"'
     return json.dumps(value, ensure_ascii=False)
 
 
