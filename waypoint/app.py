@@ -19,7 +19,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ambient.hbone.client import HboneClient
@@ -34,7 +33,7 @@ from waypoint.config import WaypointConfig
 from waypoint.http.detect import sniff
 from waypoint.http.http1 import serve_http1
 from waypoint.http.http2 import serve_http2
-from waypoint.proxy import Compiled, Downstream, Proxy, compile_config
+from waypoint.proxy import Compiled, Downstream, Proxy, compile_config, declared_protocol
 from waypoint.sources import L7Objects
 
 log = logging.getLogger("waypoint")
@@ -59,39 +58,36 @@ def source_ip_of(request: ConnectRequest) -> str:
     return str(request.peer_addr[0])
 
 
-def port_protocol(service: workload_pb2.Service | None, port: int) -> int:
-    if service is not None:
-        for p in service.ports:
-            if p.service_port == port:
-                return int(p.app_protocol)
-    return int(workload_pb2.UNKNOWN)
-
-
-@dataclass
 class ConfigErrorsReporter:
-    """Config errors → the waypoint's log (once per distinct error) and a Warning Event on the object."""
+    """Config errors → the waypoint's log and a Warning Event on the object, once per distinct error (the
+    configuration is recompiled on every xDS change; an error already reported stays quiet)."""
 
-    recorder: EventRecorder | None
-    seen: set[tuple[str, str, str, str, str]]
+    def __init__(self, recorder: EventRecorder | None) -> None:
+        self.recorder = recorder
+        self.seen: set[tuple[str, str, str, str, str]] = set()
 
-    async def report(self, errors: list[Any], objects: L7Objects) -> None:
+    def new_errors(self, errors: list[Any]) -> list[Any]:
+        """Remember `errors` as the current set; return those not reported before, logging them."""
+        current = {(e.kind, e.namespace, e.name, e.field, e.message): e for e in errors}
+        fresh = [error for key, error in current.items() if key not in self.seen]
+        self.seen = set(current)
+        for error in fresh:
+            log.warning("config %s", error)
+        return fresh
+
+    async def record(self, errors: list[Any], objects: L7Objects) -> None:
+        if self.recorder is None:
+            return
         groups = {"VirtualService": objects.virtual_services, "DestinationRule": objects.destination_rules,
                   "HTTPRoute": objects.http_routes, "AuthorizationPolicy": objects.authorization_policies,
                   "RequestAuthentication": objects.request_authentications}
         index = {(kind, o["metadata"].get("namespace"), o["metadata"].get("name")): {"kind": kind, **o}
                  for kind, group in groups.items() for o in group}
-        current = set()
         for error in errors:
-            key = (error.kind, error.namespace, error.name, error.field, error.message)
-            current.add(key)
-            if key in self.seen:
-                continue
-            log.warning("config %s", error)
             obj = index.get((error.kind, error.namespace, error.name))
-            if self.recorder is not None and obj is not None:
-                await self.recorder.record(obj, "Warning", INVALID_CONFIG_REASON if error.severity == "error"
-                                           else CONFIG_WARNING_REASON, f"{error.field}: {error.message}")
-        self.seen = current
+            if obj is not None:
+                reason = INVALID_CONFIG_REASON if error.severity == "error" else CONFIG_WARNING_REASON
+                await self.recorder.record(obj, "Warning", reason, f"{error.field}: {error.message}")
 
 
 class Waypoint:
@@ -108,10 +104,10 @@ class Waypoint:
         self.proxy = Proxy(config, lambda: self.compiled, certificate, self.hbone_client)
         self.proxy.jwt.on_change = self.report_errors
         self.server = HboneServer(lambda _ip: certificate(), self.on_connect)
-        self.errors = ConfigErrorsReporter(EventRecorder(kube, "waypoint") if kube is not None else None, set())
+        self.errors = ConfigErrorsReporter(EventRecorder(kube, "waypoint") if kube is not None else None)
         self.config_seen = asyncio.Event()
         self.certificate_status: Callable[[], list[dict[str, Any]]] | None = None
-        self._report: asyncio.Task[None] | None = None
+        self._reports: set[asyncio.Task[None]] = set()
         store.subscribe(lambda _snapshot, _changes: self.recompile())
 
     # -- configuration -------------------------------------------------------------------------------
@@ -132,9 +128,11 @@ class Waypoint:
 
     def report_errors(self) -> None:
         """Log and record (as Events) the current config errors: compile errors and JWKS fetch failures."""
-        errors = [*self.compiled.errors, *self.proxy.jwt.errors]
-        if errors or self.errors.seen:
-            self._report = asyncio.get_running_loop().create_task(self.errors.report(errors, self.objects))
+        fresh = self.errors.new_errors([*self.compiled.errors, *self.proxy.jwt.errors])
+        if fresh and self.errors.recorder is not None:
+            task = asyncio.get_running_loop().create_task(self.errors.record(fresh, self.objects))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
 
     # -- data path -----------------------------------------------------------------------------------
     async def on_connect(self, request: ConnectRequest) -> None:
@@ -151,7 +149,7 @@ class Waypoint:
         down = Downstream(peer_identity=request.peer_identity, source_ip=source_ip,
                           source_workload=snapshot.workload_by_ip(source_ip), target_ip=ip, target_port=port,
                           service=service, workload=workload)
-        protocol = port_protocol(service, port)
+        protocol = declared_protocol(service, port)
         if protocol in L4_PROTOCOLS:
             await self.proxy.relay_tcp(down, request)
             return
@@ -190,5 +188,5 @@ class Waypoint:
         await self.server.drain(self.config.drain_timeout)
         await self.proxy.close()
         await self.hbone_client.close()
-        if self._report is not None:
-            self._report.cancel()
+        for task in list(self._reports):
+            task.cancel()

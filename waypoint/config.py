@@ -28,7 +28,6 @@ DETECT_TIMEOUT = 1.0
 REPLAY_BUFFER = 64 * 1024
 CONNECT_TIMEOUT = 10.0  # seconds to open an upstream tunnel (Istio's DestinationRule default)
 DRAIN_TIMEOUT = 5.0  # seconds open requests get after SIGTERM
-WORKLOAD_WAIT = 5.0  # seconds a request for an unknown VIP waits for xDS before 503 (a just-created service)
 
 
 @dataclass(frozen=True)

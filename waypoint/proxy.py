@@ -164,15 +164,19 @@ class UpstreamFailure(Exception):
         self.status, self.body, self.flag = status, body, flag
 
 
-NO_HEALTHY = UpstreamFailure(503, NO_HEALTHY_BODY, "UH")
+def no_healthy_upstream() -> UpstreamFailure:
+    """A fresh exception each time: a shared instance would collect every raise's traceback."""
+    return UpstreamFailure(503, NO_HEALTHY_BODY, "UH")
 
 
 class Cluster:
     """One (service hostname, subset, port): its endpoints, balancer, outlier detector, limits and pools."""
 
-    def __init__(self, key: tuple[str, str | None, int], policy: DestinationPolicy, rng: random.Random) -> None:
+    def __init__(self, key: tuple[str, str | None, int], policy: DestinationPolicy, rng: random.Random,
+                 spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
         self.key = key
         self.rng = rng
+        self.spawn = spawn  # owned background work (closing the pools of endpoints that left)
         self.policy = policy
         self.balancer = make_balancer(policy.lb, rng=rng)
         self.outlier = OutlierDetector(policy.outlier) if policy.outlier is not None else None
@@ -196,7 +200,7 @@ class Cluster:
         self.generation = generation
         alive = {ep.uid for ep in endpoints}
         for uid in [uid for uid in self.pools if uid not in alive]:
-            asyncio.get_running_loop().create_task(self.pools.pop(uid).close())
+            self.spawn(self.pools.pop(uid).close())
 
     def pick(self, key: Any = None, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
         return self.balancer.pick(usable_hosts(self.endpoints, self.outlier).hosts, key, exclude)
@@ -256,7 +260,7 @@ class Proxy:
             return cluster
         policy = compiled.index.policy_for(hostname, subset, port)
         if cluster is None:
-            cluster = self.clusters[key] = Cluster(key, policy, self.rng)
+            cluster = self.clusters[key] = Cluster(key, policy, self.rng, self._spawn)
         subset_labels = policy.subset.labels if policy.subset is not None else None
         endpoints: list[Endpoint] = []
         for service in compiled.snapshot.services_by_hostname.get(hostname.lower(), ()):
@@ -299,7 +303,7 @@ class Proxy:
         cluster = self.cluster(self.current(), down.hostname, None, down.target_port)
         endpoint = cluster.pick()
         if endpoint is None:
-            raise NO_HEALTHY
+            raise no_healthy_upstream()
         return await self._dial(endpoint, down)
 
     async def _relay(self, stream: HboneStream, upstream: ByteStream, first: bytes) -> None:
@@ -430,7 +434,7 @@ class Proxy:
             cluster = self.cluster(compiled, destination.host, destination.subset, target_port)
         except RoutingError as exc:  # a subset that vanished between compile and request
             log.info("%s: %s", route.name, exc)
-            raise NO_HEALTHY from None
+            raise no_healthy_upstream() from None
         record.destination(cluster, destination)
         retry = RetryState(retry_policy, cluster.retry_budget) if retry_policy is not None else None
         protocol = upstream_protocol(down.service, port, head.protocol)
@@ -461,7 +465,7 @@ class Proxy:
             if endpoint is None and tried:
                 endpoint = cluster.pick(hashed)  # every endpoint was tried: any will do
             if endpoint is None:
-                raise NO_HEALTHY
+                raise no_healthy_upstream()
             tried.add(endpoint.uid)
             record.upstream_host, record.upstream_workload = endpoint.authority, endpoint.workload
             send = replay.replay() if replay is not None else body
@@ -559,10 +563,19 @@ def _principal(identity: str | None) -> str:
     return identity.removeprefix("spiffe://") if identity else ""
 
 
+def declared_protocol(service: workload_pb2.Service | None, port: int) -> int:
+    """The service port's `app_protocol` (UNKNOWN for an unknown port or a workload-addressed destination)."""
+    if service is not None:
+        for p in service.ports:
+            if p.service_port == port:
+                return int(p.app_protocol)
+    return int(workload_pb2.UNKNOWN)
+
+
 def upstream_protocol(service: workload_pb2.Service | None, port: int, downstream: str) -> str:
     """As Envoy in Istio: HTTP/2 to ports declared http2/grpc, HTTP/1.1 to ports declared http; the caller's
     protocol only where the port declares none (and for workload-addressed destinations)."""
-    declared = next((p.app_protocol for p in service.ports if p.service_port == port), None) if service else None
+    declared = declared_protocol(service, port)
     if declared in (workload_pb2.HTTP2, workload_pb2.GRPC):
         return "HTTP/2"
     if declared == workload_pb2.HTTP11:
@@ -584,6 +597,9 @@ async def _replayable(body: Body, limit: int) -> tuple[BytesBody | None, Body]:
     A larger body streams once (no retries after it was sent, mirrors get no body)."""
     if body.length is not None and body.length > limit:
         return None, body
+    if body.length == 0:  # most requests (GETs): nothing to read
+        kept = BytesBody(b"", None)
+        return kept, kept.replay()
     try:
         data = await read_all(body, limit)
     except BodyTooLarge as exc:
