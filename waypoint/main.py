@@ -25,7 +25,7 @@ from ambient.identity.ca_client import CaClient, CaClientConfig, token_from_file
 from ambient.identity.certs import WorkloadCertificate
 from ambient.identity.manager import CertificateManager
 from ambient.identity.spiffe import SpiffeId
-from ambient.kube.client import KubeClient, KubeConfig
+from ambient.kube.client import KubeClient, KubeConfig, KubeConfigError
 from ambient.telemetry.admin_http import Readiness
 from ambient.telemetry.logs import setup_logging
 from ambient.xds.client import ClientConfig, XdsClient
@@ -85,7 +85,7 @@ async def run(config: WaypointConfig) -> None:
     async def certificate() -> WorkloadCertificate:
         return await certs.fetch(identity)
 
-    kube = KubeClient(KubeConfig.load(config.kubeconfig) if config.kubeconfig else KubeConfig.in_cluster())
+    kube = KubeClient(KubeConfig.load(config.kubeconfig))  # the file given, else $KUBECONFIG, else in-cluster
     app = Waypoint(config, store, certificate, kube)
     app.certificate_status = lambda: [dataclasses.asdict(status) for status in certs.snapshot()]
     sources = KubeSources(kube, lambda: app.set_objects(sources.objects()))
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         try:
             asyncio.run(run(config))
-        except OSError as exc:
+        except (OSError, KubeConfigError) as exc:
             sys.exit(f"waypoint: {exc}")
 
 

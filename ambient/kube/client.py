@@ -60,7 +60,10 @@ class KubeConfig:
 
     @classmethod
     def in_cluster(cls) -> KubeConfig:
-        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
+        if not host or not (IN_CLUSTER_DIR / "token").is_file():
+            raise KubeConfigError(f"not running in a Kubernetes pod ($KUBERNETES_SERVICE_HOST unset or no "
+                                  f"{IN_CLUSTER_DIR / 'token'}): pass --kubeconfig")
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         host = f"[{host}]" if ":" in host else host
         ns_file = IN_CLUSTER_DIR / "namespace"
