@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.metadata
-import json
 import logging
 import math
 import platform
@@ -28,7 +27,7 @@ from typing import Any, Protocol
 from google.protobuf.message import Message
 
 from ambient.telemetry import admin_http
-from ambient.telemetry.admin_http import Request, Response, Router, text_response
+from ambient.telemetry.admin_http import Request, Response, Router, json_response, text_response
 from ambient.telemetry.registry import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("waypoint.admin")
@@ -165,11 +164,10 @@ class AdminServer(HttpServer):
 
     def _config_dump(self, _: Request) -> Response:
         try:
-            body = json.dumps(config_dump_document(self._dump()), indent=2)
+            return json_response(config_dump_document(self._dump()))
         except Exception as exc:
             log.exception("config_dump failed")
             return text_response(f"config_dump failed: {exc}\n", 500)
-        return Response(body=body.encode(), content_type=admin_http.JSON)
 
     def _quit(self, _: Request) -> Response:
         log.info("shutdown requested on the admin port")

@@ -28,7 +28,6 @@ from waypoint.http.message import (
     RequestHead,
     ResponseHead,
     TcpByteStream,
-    UpstreamConnection,
     bytes_body,
     prepend,
     read_all,
@@ -38,5 +37,5 @@ from waypoint.http.pool import ClusterLimits, ConnectionPoolLimits, UpstreamPool
 __all__ = ["EMPTY", "Body", "BodyTooLarge", "ByteStream", "ClusterLimits", "ConnectFailure", "ConnectionPoolLimits",
            "Handler", "Headers", "Http1ClientConnection", "Http2ClientConnection", "HttpError", "HttpLimits",
            "Overflow", "ProtocolError", "RequestHead", "ResponseHead", "StreamReset", "TcpByteStream",
-           "UpstreamConnection", "UpstreamError", "UpstreamPool", "UpstreamReset", "bytes_body", "detect",
+           "UpstreamError", "UpstreamPool", "UpstreamReset", "bytes_body", "detect",
            "prepend", "read_all", "serve_http1", "serve_http2", "sniff"]

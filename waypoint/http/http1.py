@@ -728,7 +728,9 @@ class _ServerConnection:
         except STREAM_ERRORS:
             return False  # the client went away
         except Exception as exc:  # the response body failed (e.g. the upstream reset): cut the response short
-            log.debug("response to %s %s%s cut short: %r", head.method, head.authority, head.path_only, exc)
+            # An HttpError is the upstream's doing; anything else is a bug here, so it is logged loudly.
+            log.log(logging.DEBUG if isinstance(exc, HttpError) else logging.ERROR, "response to %s %s%s cut "
+                    "short: %r", head.method, head.authority, head.path_only, exc)
             self.stream.abort()
             return False
         finally:

@@ -171,6 +171,28 @@ class RequestHead:
         return parse_qs(rest.partition("#")[0], keep_blank_values=True)
 
 
+class HeadersReader(Protocol):
+    """Read access to a request's headers: all routing, security and load balancing need (`Headers` is one)."""
+
+    def get(self, name: str, default: str | None = None) -> str | None: ...
+    def get_all(self, name: str) -> list[str]: ...
+
+
+class RequestHeadLike(Protocol):
+    """What routing, security and load balancing read of a request (`RequestHead` is one)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def authority(self) -> str: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def headers(self) -> HeadersReader: ...
+
+
 @dataclass(slots=True)
 class ResponseHead:
     status: int
@@ -322,24 +344,6 @@ class ByteStream(Protocol):
     def close(self) -> None: ...
 
     def abort(self) -> None: ...
-
-
-class UpstreamConnection(Protocol):
-    """An upstream connection a pool hands requests to (`Http1ClientConnection`, `Http2ClientConnection`).
-    `on_done` is called once when the exchange is over: the response body was read to its end or closed,
-    or the request failed."""
-
-    @property
-    def available(self) -> bool:
-        """It can take another request now."""
-
-    @property
-    def closed(self) -> bool: ...
-
-    async def request(self, head: RequestHead, body: Body, *,
-                      on_done: Callable[[], None] | None = None) -> tuple[ResponseHead, Body]: ...
-
-    async def close(self) -> None: ...
 
 
 class TcpByteStream:

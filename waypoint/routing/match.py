@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from waypoint.http.message import RequestHeadLike
 from waypoint.routing.model import (
     HeaderMatch,
     Invalid,
@@ -27,24 +28,9 @@ from waypoint.routing.model import (
 )
 
 
-class HeadersReader(Protocol):
-    def get(self, name: str, default: str | None = None) -> str | None: ...
-    def get_all(self, name: str) -> list[str]: ...
+class RoutableHead(RequestHeadLike, Protocol):
+    """What routing reads of waypoint.http.message.RequestHead: the common request view plus the query."""
 
-
-class RequestHeadLike(Protocol):
-    """What routing reads of waypoint.http.message.RequestHead."""
-
-    @property
-    def method(self) -> str: ...
-    @property
-    def path(self) -> str: ...
-    @property
-    def authority(self) -> str: ...
-    @property
-    def scheme(self) -> str: ...
-    @property
-    def headers(self) -> HeadersReader: ...
     @property
     def query(self) -> Mapping[str, Sequence[str]]: ...
 
@@ -73,13 +59,13 @@ def compile_regex(pattern: object, field_path: str) -> str:
     return pattern
 
 
-def select(table: RouteTable, head: RequestHeadLike, port: int) -> Route | None:
+def select(table: RouteTable, head: RoutableHead, port: int) -> Route | None:
     """The first route of `table` that matches the request, or None (the proxy answers 404 `NR`)."""
     selected = select_with_match(table, head, port)
     return selected[0] if selected is not None else None
 
 
-def select_with_match(table: RouteTable, head: RequestHeadLike,
+def select_with_match(table: RouteTable, head: RoutableHead,
                       port: int) -> tuple[Route, RouteMatch | None] | None:
     """Like `select`, also returning which of the route's matches held (None for a catch-all route):
     prefix rewrites and redirects replace the prefix that matched."""
@@ -112,7 +98,7 @@ def select_with_match(table: RouteTable, head: RequestHeadLike,
     return None
 
 
-def _headers_match(conditions: tuple[HeaderMatch, ...], head: RequestHeadLike) -> bool:
+def _headers_match(conditions: tuple[HeaderMatch, ...], head: RoutableHead) -> bool:
     headers = head.headers
     for condition in conditions:
         pseudo = _PSEUDO_HEADERS.get(condition.name)
@@ -202,7 +188,7 @@ def split_authority(authority: str) -> tuple[str, int | None]:
     return authority, None
 
 
-def redirect_location(redirect: Redirect, head: RequestHeadLike, port: int, matched: RouteMatch | None) -> str:
+def redirect_location(redirect: Redirect, head: RoutableHead, port: int, matched: RouteMatch | None) -> str:
     """The Location of a redirect answer for this request arriving on service port `port`."""
     scheme = redirect.scheme or head.scheme
     request_host, request_port = split_authority(head.authority)

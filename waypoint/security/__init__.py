@@ -35,13 +35,6 @@ ROOT_NAMESPACE = "istio-system"  # Istio's default mesh root namespace
 _CORE_GROUPS = frozenset({"", "core"})  # istio's CanonicalGroup("") is "core"
 
 
-class HeadersView(Protocol):
-    """What the security code reads of a request's headers (`waypoint.http.message.Headers` satisfies it)."""
-
-    def get(self, name: str, default: str | None = None) -> str | None: ...
-    def get_all(self, name: str) -> list[str]: ...
-
-
 class ServiceLike(Protocol):
     """The request's destination Service: an xDS `workload_pb2.Service` or a `ServiceRef`."""
 

@@ -45,11 +45,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from waypoint.http.message import HeadersReader
 from waypoint.security import (
     ROOT_NAMESPACE,
     Attachment,
     ConfigError,
-    HeadersView,
     ServiceLike,
     WaypointScope,
     attachment,
@@ -87,7 +87,7 @@ class _NoHeaders:
         return []
 
 
-NO_HEADERS: HeadersView = _NoHeaders()
+NO_HEADERS: HeadersReader = _NoHeaders()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +111,7 @@ class AuthzRequest:
     host: str = ""
     method: str = ""
     path: str = "/"
-    headers: HeadersView = NO_HEADERS
+    headers: HeadersReader = NO_HEADERS
     request_principal: str | None = None
     claims: Mapping[str, Any] | None = None
     audiences: Sequence[str] | None = None

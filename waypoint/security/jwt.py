@@ -42,7 +42,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 from cryptography.exceptions import InvalidSignature
@@ -52,12 +52,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ambient.aio import OwnedTasks
-from waypoint.routing.model import Severity
+from waypoint.http.message import RequestHeadLike
+from waypoint.routing.model import Invalid, Severity, parse_duration
 from waypoint.security import (
     ROOT_NAMESPACE,
     Attachment,
     ConfigError,
-    HeadersView,
     ServiceLike,
     WaypointScope,
     attachment,
@@ -102,7 +102,6 @@ _EC_CURVES: dict[str, tuple[str, ec.EllipticCurve, int]] = {  # alg → (crv, cu
     "ES512": ("P-521", ec.SECP521R1(), 66)}
 ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", *_EC_CURVES, "EdDSA", *_HMAC_DIGESTS})
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9\-_.]+")  # base64url and dots: what Envoy cuts a token out of a header by
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(s|ms)")
 
 
 class JwksError(Exception):
@@ -555,11 +554,14 @@ def _compile_rule(policy: str, index: int, raw: Any, errors: list[ConfigError]) 
     payload_header = raw.get("outputPayloadToHeader")
     timeout = JWKS_TIMEOUT
     if raw.get("timeout") is not None:
-        match = _DURATION.fullmatch(str(raw["timeout"]))
-        if match is None or float(match.group(1)) <= 0:
+        try:
+            seconds = parse_duration(raw["timeout"], ".timeout")
+        except Invalid:
+            seconds = 0.0
+        if seconds <= 0:
             error(".timeout", f"{raw['timeout']!r} is not a duration like '5s'; using {JWKS_TIMEOUT:g}s")
         else:
-            timeout = float(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
+            timeout = seconds
     return JwtRule(
         policy, index, issuer, tuple(audiences), keys, keys_error, jwks_uri,
         tuple(locations) or DEFAULT_LOCATIONS,
@@ -586,19 +588,6 @@ def _string_list(value: Any, field: str, error: Callable[[str, str], None]) -> l
 
 
 # -- one request -----------------------------------------------------------------------------------------------
-class RequestHeadLike(Protocol):
-    """What authentication reads of a request (`waypoint.http.message.RequestHead` satisfies it)."""
-
-    @property
-    def path(self) -> str: ...
-    @property
-    def authority(self) -> str: ...
-    @property
-    def scheme(self) -> str: ...
-    @property
-    def headers(self) -> HeadersView: ...
-
-
 @dataclass(frozen=True)
 class KeysPending:
     """An issuer's keys have not been fetched yet (the first fetch is under way)."""

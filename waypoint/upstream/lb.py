@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
+from waypoint.http.message import RequestHeadLike
 from waypoint.upstream.endpoints import Endpoint
 
 ROUND_ROBIN = "ROUND_ROBIN"
@@ -82,23 +83,6 @@ class LoadBalancerSettings(Protocol):
     def simple(self) -> str | enum.Enum | None: ...
     @property
     def consistent_hash(self) -> ConsistentHashSettings | None: ...
-
-
-class RequestHeadLike(Protocol):
-    """The parts of `waypoint.http.message.RequestHead` a hash key can come from."""
-
-    @property
-    def method(self) -> str: ...
-    @property
-    def path(self) -> str: ...
-    @property
-    def authority(self) -> str: ...
-    @property
-    def headers(self) -> HeadersLike: ...
-
-
-class HeadersLike(Protocol):
-    def get_all(self, name: str) -> list[str]: ...
 
 
 # --- hash keys ---------------------------------------------------------------------------------------

@@ -62,6 +62,10 @@ class FakeHeaders:
     def get_all(self, name: str) -> list[str]:
         return [v for k, v in self._items if k == name.lower()]
 
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else default
+
 
 @dataclass
 class Head:
@@ -69,6 +73,7 @@ class Head:
     headers: FakeHeaders = field(default_factory=lambda: FakeHeaders([]))
     authority: str = "reviews:9080"
     method: str = "GET"
+    scheme: str = "http"
 
 
 def rng() -> random.Random:
