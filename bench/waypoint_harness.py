@@ -12,7 +12,7 @@ The process imports `waypoint.main`, so it loads every module a deployed waypoin
 Kubernetes client) and its RSS is comparable; it does not run the xDS client, informers or admin ports.
 Logging goes through `ambient.telemetry.logs` to stderr as in `waypoint.main` (the access log lines too,
 unless `access_log` is false); the bench sends it to a file, as a pod's container log. The event loop is
-asyncio's default, as `waypoint.main` runs it, unless the spec asks for uvloop. When its stdin closes it
+asyncio's default unless the spec asks for uvloop (which `waypoint.main` uses when installed). When its stdin closes it
 prints one more JSON line: its garbage collections (and with `lag_monitor`, its event loop's lags).
 
 Run by the bench (it prints `{"ports": {"hbone": N}}` when serving, and stops when its stdin closes):
@@ -143,7 +143,7 @@ class Spec:
     access_log: bool = True
     uvloop: bool = False
     profile: str | None = None  # cProfile (CPU time) output path
-    gc_freeze: bool = False  # gc.freeze() once serving (not what waypoint.main does: an experiment)
+    gc_freeze: bool = False  # gc.freeze() once serving, as waypoint.main does
     lag_monitor: bool = False  # measure the event loop's lag (LoopLag; costs ~100 wake-ups/s)
 
     @classmethod

@@ -27,10 +27,11 @@ the way ztunnel → waypoint → ztunnel does:
 
 By default both proxies write one access log line per request to a file (our waypoint through its logging,
 Envoy with Istio's default text format); `--no-access-log` turns both off. `--waypoints` picks the waypoint
-paths: `asyncio` (the loop `waypoint.main` runs), `uvloop`, and as experiments `asyncio+gcfreeze` /
-`uvloop+gcfreeze` (`gc.freeze()` once serving). After the report each waypoint's garbage collections are
-listed (count, total and longest pause per generation); `--lag-monitor` adds how often its event loop ran
-more than 5 ms late; `--keep-logs DIR` keeps the logs, Envoy's bootstrap and stats.
+paths: `asyncio` (asyncio's default loop), `uvloop`, `asyncio+gcfreeze` and `uvloop+gcfreeze`
+(`gc.freeze()` once serving); `waypoint.main` runs as `uvloop+gcfreeze`. After the report each
+waypoint's garbage collections are listed (count, total and longest pause per generation);
+`--lag-monitor` adds how often its event loop ran more than 5 ms late; `--keep-logs DIR` keeps the logs,
+Envoy's bootstrap and stats.
 
 Measurements, `--rounds` interleaved rounds over all paths, medians (min-max):
 
@@ -63,7 +64,6 @@ import pstats
 import re
 import shutil
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -81,8 +81,8 @@ from ambient.hbone.headers import forwarded_for
 from ambient.identity.certs import WorkloadCertificate
 from ambient.identity.signer import CaSigner
 from ambient.relay import TcpStream, relay
-from bench.envoy import EnvoyError, EnvoyProcess, TlsFiles, _admin_get, envoy_binary
-from bench.hbone_throughput import CpuMeter, issue
+from bench.envoy import EnvoyError, EnvoyProcess, TlsFiles, _address, _admin_get, envoy_binary
+from bench.hbone_throughput import CpuMeter, fmt, issue, med, noop, ratio, run, spread, until_stdin_closes
 from bench.waypoint_harness import (
     CLIENT_IP,
     HOST,
@@ -125,16 +125,6 @@ ISTIO_RETRY_POLICY = {"retry_on": "connect-failure,refused-stream,unavailable,ca
                       "host_selection_retry_max_attempts": "5"}
 
 
-def run(main: Coroutine[Any, Any, None], uv: bool) -> None:
-    if uv:
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main)
-    else:
-        asyncio.run(main)
-
-
 # -- child roles: the backend and the terminator -------------------------------------------------------------
 RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
             + f"content-length: {RESPONSE_SIZE}\r\n\r\n".encode() + b"b" * RESPONSE_SIZE)
@@ -163,19 +153,11 @@ class BackendConnection(asyncio.Protocol):
             self.transport.write(RESPONSE * answers)
 
 
-async def until_stdin_closes() -> None:
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-
 async def role_backend(spec: dict[str, Any]) -> None:
     server = await asyncio.get_running_loop().create_server(BackendConnection, spec["ip"], 0, backlog=1024)
     print(json.dumps({"ports": {"backend": server.sockets[0].getsockname()[1]}}), flush=True)
     async with server:
         await until_stdin_closes()
-
-
-def _ignore(_n: int) -> None:
-    pass
 
 
 async def role_terminator(spec: dict[str, Any]) -> None:
@@ -195,7 +177,7 @@ async def role_terminator(spec: dict[str, Any]) -> None:
             request.respond(503)
             return
         with contextlib.suppress(HboneError, OSError):
-            await relay(request.respond(200), app, _ignore, _ignore)
+            await relay(request.respond(200), app, noop, noop)
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -267,10 +249,6 @@ class Child:
 
 
 # -- Envoy as a waypoint -------------------------------------------------------------------------------------
-def _address(ip: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": ip, "port_value": port}}
-
-
 def _cluster(name: str, address: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"name": name, "type": "STATIC", "connect_timeout": "10s",
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
@@ -622,26 +600,6 @@ async def measure_max(load: Load, path: PathSpec, meter: CpuMeter, args: argpars
 
 
 # -- report ----------------------------------------------------------------------------------------------------
-def med(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def fmt(value: float | None, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def spread(values: list[float], spec: str) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return format(values[0], spec)
-    return f"{statistics.median(values):{spec}} ({min(values):{spec}}-{max(values):{spec}})"
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
 def added_ratio(mine: float | None, envoys: float | None) -> float | None:
     """A ratio of added latencies; none when Envoy added nothing (or less than the noise: below zero)."""
     return None if mine is None or envoys is None or envoys <= 0 else mine / envoys
@@ -827,9 +785,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4, help="HBONE tunnels of the fixed-rate runs")
     parser.add_argument("--max-concurrency", type=int, default=16, help="HBONE tunnels of the max-rate runs")
     parser.add_argument("--waypoints", default="asyncio,uvloop",
-                        help="the waypoint paths, comma-separated: asyncio (the loop waypoint.main runs), uvloop, "
-                             "and as an experiment asyncio+gcfreeze, uvloop+gcfreeze (gc.freeze() once serving, "
-                             "which waypoint.main does not do); none for no waypoint path")
+                        help="the waypoint paths, comma-separated: asyncio, uvloop, asyncio+gcfreeze, "
+                             "uvloop+gcfreeze (gc.freeze() once serving; waypoint.main runs as uvloop+gcfreeze); "
+                             "none for no waypoint path")
     parser.add_argument("--no-envoy", dest="envoy", action="store_false", help="leave the Envoy path out")
     parser.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="no access log in either proxy (default: one line per request in both)")

@@ -24,7 +24,11 @@ from typing import Any
 import click
 import yaml
 
+from ambient.cli.errors import CliError
 from ambient.control.waypoints import CONTAINER_NAME, WAYPOINT_CLASS
+from ambient.kube.client import KubeClient
+from ambient.kube.errors import ApiError
+from ambient.local.admission import check_name
 
 Obj = dict[str, Any]
 
@@ -64,6 +68,18 @@ class InstallValues:
     @property
     def control_address(self) -> str:
         return f"{CONTROL_SERVICE}.{self.namespace}.svc:{XDS_TLS_PORT}"
+
+    def check(self) -> None:
+        """Refuse values that would render manifests the API server or the kubelet rejects."""
+        try:
+            check_name("Namespace", self.namespace)
+        except ApiError:
+            raise CliError(f"--namespace {self.namespace!r} is not a valid namespace name (lowercase letters, "
+                           "digits and '-', at most 63)") from None
+        for flag, value in (("--image", self.image), ("--trust-domain", self.trust_domain),
+                            ("--cluster-id", self.cluster_id)):
+            if not value.strip() or value != value.strip():
+                raise CliError(f"{flag} must be a non-empty value without surrounding blanks (got {value!r})")
 
 
 # -- small builders --------------------------------------------------------------------------------
@@ -357,16 +373,14 @@ def write_deploy_dir(path: Path, values: InstallValues = InstallValues()) -> lis
 
 
 # -- applying --------------------------------------------------------------------------------------
-async def apply_objects(client: Any, objs: list[Obj], echo: Callable[[str], None]) -> None:
+async def apply_objects(client: KubeClient, objs: list[Obj], echo: Callable[[str], None]) -> None:
     """Create each object or merge-patch it to the rendered form (the install is idempotent)."""
-    from ambient.kube.errors import ApiError
-
     for obj in objs:
         meta = obj["metadata"]
         try:
             rt = await client.resource(obj["apiVersion"], obj["kind"])
         except ApiError as exc:
-            raise click.ClickException(
+            raise CliError(
                 f"{obj['kind']} ({obj['apiVersion']}) is not served by this cluster ({exc.message}); install the "
                 "Gateway API and Istio CRDs first (see deploy/README.md)") from None
         label = f"{obj['kind'].lower()}/{meta['name']}"
@@ -401,6 +415,7 @@ def register(cli: click.Group) -> None:
                 click.echo(f"wrote {path}")
             return
         values = InstallValues(namespace=namespace, image=image, trust_domain=trust_domain, cluster_id=cluster_id)
+        values.check()
         objs = render(values)
         if dry_run:
             click.echo(dump(objs), nl=False)

@@ -20,6 +20,7 @@ import click
 import yaml
 
 from ambient.cli import install, manifests, waypoint, ztunnel_config
+from ambient.cli.errors import CliError
 from ambient.cli.printers import table
 from ambient.kube.client import KubeClient, KubeConfig, KubeConfigError
 from ambient.kube.errors import ApiError
@@ -31,13 +32,6 @@ T = TypeVar("T")
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 TYPES = ResourceTable()
 POD = TYPES.require("pods")
-
-
-class CliError(click.ClickException):
-    """A user-facing error: printed as `error: ...`, exit 1."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
 
 
 class Context:

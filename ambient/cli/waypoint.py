@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import click
 
+from ambient.cli.errors import CliError
 from ambient.control.translate.model import LABEL_USE_WAYPOINT
 from ambient.control.waypoints import (
     GATEWAY,
@@ -57,11 +58,8 @@ PENDING_CONDITION: Obj = {"type": "Programmed", "status": "Unknown", "reason": "
                           "message": "Waiting for controller"}
 
 
-class WaypointError(click.ClickException):
-    """Printed as `error: ...`, exit 1 (as ambientctl's other errors)."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+class WaypointError(CliError):
+    """A user mistake in a waypoint verb: `error: ...`, exit 1."""
 
 
 class Cluster(Protocol):

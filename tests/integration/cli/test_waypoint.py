@@ -9,27 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import yaml
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from ambient.cli import waypoint as waypoint_cli
-from ambient.cli.main import cli
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.errors import ApiError
 from ambient.kube.resources import ResourceTable
-from ambient.local.apiserver import ApiServer
+from tests.integration import kube_fixtures
+from tests.integration.kube_fixtures import HOST, free_port, write_kubeconfig
 
 Obj = dict[str, Any]
 T = TypeVar("T")
 
-HOST, TOKEN = "127.0.0.1", "test-token"
+TOKEN = "test-token"
 WAIT = 10.0  # seconds any one expectation may take (a CLI run included)
 TYPES = ResourceTable()
 GATEWAY = TYPES.require("gateways.gateway.networking.k8s.io")
@@ -38,32 +36,8 @@ MESH_LISTENER = {"name": "mesh", "port": 15008, "protocol": "HBONE"}
 NOT_READY = "no waypoint pod is ready yet"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def write_kubeconfig(path: Path, server: str, namespace: str) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "local",
-        "clusters": [{"name": "local", "cluster": {"server": server}}],
-        "contexts": [{"name": "local", "context": {"cluster": "local", "user": "admin", "namespace": namespace}}],
-        "users": [{"name": "admin", "user": {"token": TOKEN}}],
-    }))
-    return path
-
-
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT) -> T:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {result!r}")
-        await asyncio.sleep(0.02)
+    return await kube_fixtures.eventually(probe, what, timeout)
 
 
 @dataclass
@@ -94,17 +68,8 @@ class Cluster:
 
 
 async def ambientctl(kubeconfig: Path, *args: str) -> Result:
-    """One CLI run in a worker thread."""
-    result = await asyncio.wait_for(asyncio.to_thread(
-        CliRunner().invoke, cli, ["--kubeconfig", str(kubeconfig), *args], prog_name="ambientctl"), WAIT)
-    assert_handled(result)
-    return result
-
-
-def assert_handled(result: Result) -> None:
-    """The CLI ended through its own exit path (no uncaught exception, so no traceback for the user)."""
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"ambientctl raised {result.exception!r}:\n{result.output}") from result.exception
+    """One CLI run in a worker thread; fails on an uncaught exception (a traceback for the user)."""
+    return await kube_fixtures.ambientctl(kubeconfig, *args, timeout=WAIT)
 
 
 def condition(gw: Obj, kind: str) -> Obj:
@@ -142,17 +107,10 @@ async def polled_while_not_programmed(reads: list[Obj], times: int = 3) -> None:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    server = ApiServer(None, TOKEN)
-    port = free_port()
-    await server.start([HOST], port)
-    url = f"http://{HOST}:{port}"
-    try:
-        async with KubeClient(KubeConfig(url, token=TOKEN)) as client:
-            for ns in ("default", "shop", "bank", "empty"):
-                await client.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-            yield Cluster(client, write_kubeconfig(tmp_path / "kubeconfig", url, "shop"))
-    finally:
-        await server.close()
+    async with kube_fixtures.local_apiserver(TOKEN) as url, KubeClient(KubeConfig(url, token=TOKEN)) as client:
+        for ns in ("default", "shop", "bank", "empty"):
+            await client.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        yield Cluster(client, kube_fixtures.write_kubeconfig(tmp_path / "kubeconfig", url, TOKEN, "shop"))
 
 
 class FakeController:
@@ -424,7 +382,7 @@ async def test_delete(cluster: Cluster) -> None:
 # -- no cluster ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("verb", [("apply",), ("list",), ("status",), ("delete", "--all")])
 async def test_an_unreachable_api_server_is_a_clear_error(tmp_path: Path, verb: tuple[str, ...]) -> None:
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://{HOST}:{free_port()}", "shop")
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://{HOST}:{free_port()}", TOKEN, "shop")
     result = await ambientctl(kubeconfig, "waypoint", *verb)
     assert result.exit_code == 1
     assert result.stdout == ""

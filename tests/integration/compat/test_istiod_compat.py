@@ -17,7 +17,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,13 +35,13 @@ from ambient.identity.errors import CaError
 from ambient.identity.spiffe import SpiffeId
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.resources import ResourceTable
-from ambient.local.apiserver import ApiServer
 from cni.zds_server import ZdsServer
+from tests.integration import kube_fixtures
+from tests.integration.kube_fixtures import HOST, free_port, local_apiserver, write_kubeconfig
 
 T = TypeVar("T")
 Obj = dict[str, Any]
 
-HOST = "127.0.0.1"
 API_TOKEN = "api-admin"
 NODE_TOKEN = "ztunnel-node-1-token"  # what the projected `istio-token` (audience istio-ca) holds on node-1
 NODE, OTHER_NODE = "node-1", "node-2"
@@ -53,27 +52,7 @@ PODS = ResourceTable().require("pods")
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT) -> T:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last: object = None
-    while True:
-        try:
-            result = await probe()
-        except (aiohttp.ClientError, OSError) as exc:  # not listening yet
-            last = exc
-        else:
-            if result:
-                return result
-            last = result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
-        await asyncio.sleep(0.05)
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return await kube_fixtures.eventually(probe, what, timeout, retry_on=(aiohttp.ClientError, OSError))
 
 
 def pod(name: str, namespace: str, node: str, ip: str, service_account: str) -> Obj:
@@ -92,19 +71,17 @@ class ControlPlane:
 
 
 @pytest.fixture
-async def control_plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+async def api() -> AsyncIterator[str]:
+    async with local_apiserver(API_TOKEN) as url:
+        yield url
+
+
+@pytest.fixture
+async def control_plane(tmp_path: Path, api: str) -> AsyncIterator[ControlPlane]:
     """A Kubernetes API on loopback holding two ambient pods on two nodes, and `ambient-control` run the
     way it stands in for istiod: TLS 15012-style port, bootstrap tokens for auth, node-1's ztunnel token a
     node proxy for node-1."""
-    api = ApiServer(None, API_TOKEN)
-    api_port = free_port()
-    await api.start([HOST], api_port)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": f"http://{HOST}:{api_port}"}}],
-        "users": [{"name": "test", "user": {"token": API_TOKEN}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}]}))
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api, API_TOKEN)
     tokens = tmp_path / "bootstrap-tokens.yaml"
     tokens.write_text(yaml.safe_dump({NODE_TOKEN: {"namespace": "istio-system", "serviceAccount": "ztunnel",
                                                    "node": NODE, "nodeProxy": True}}))
@@ -118,7 +95,7 @@ async def control_plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
     task: asyncio.Task[None] | None = None
     loop = asyncio.get_running_loop()
     try:
-        async with KubeClient(KubeConfig(f"http://{HOST}:{api_port}", token=API_TOKEN)) as kube:
+        async with KubeClient(KubeConfig(api, token=API_TOKEN)) as kube:
             for ns in ("shop", "istio-system"):
                 labels = {"istio.io/dataplane-mode": "ambient"} if ns == "shop" else {}
                 await kube.create({"apiVersion": "v1", "kind": "Namespace",
@@ -144,7 +121,6 @@ async def control_plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
                 await task
         for sig in (signal.SIGTERM, signal.SIGINT):  # run() turned these into cancelling its task
             loop.remove_signal_handler(sig)
-        await api.close()
 
 
 def istio_chart_env(cp: ControlPlane, zds_socket: Path) -> dict[str, str]:

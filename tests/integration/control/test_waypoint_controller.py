@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -16,15 +15,15 @@ from ambient.control.waypoints import GATEWAY, WaypointController
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.errors import ApiError
 from ambient.kube.resources import ResourceTable
-from ambient.local.apiserver import ApiServer
 from ambient.local.controllers import Controllers
+from tests.integration import kube_fixtures
 
 Obj = dict[str, Any]
 T = TypeVar("T")
 
-HOST, TOKEN, NS = "127.0.0.1", "test-token", "shop"
+TOKEN, NS = "test-token", "shop"
 WAIT = 5.0  # seconds any one expectation may take
-STAND_IN = ["python3", "-m", "http.server", "15021"]  # the waypoint binary is not built yet
+STAND_IN = ["python3", "-m", "http.server", "15021"]  # only written into the pod spec: no kubelet runs it here
 TYPES = ResourceTable()
 SA, DEPLOYMENT, SERVICE, POD = (TYPES.require(n) for n in ("serviceaccounts", "deployments.apps", "services", "pods"))
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
@@ -39,44 +38,26 @@ def waypoint_gateway(name: str, *, listeners: list[Obj] | None = None, waypoint_
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT) -> T:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {result!r}")
-        await asyncio.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    return await kube_fixtures.eventually(probe, what, timeout)
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[KubeClient]:
-    server = ApiServer(None, TOKEN)
-    port = free_port()
-    await server.start([HOST], port)
     tasks: list[asyncio.Task[None]] = []
-    try:
-        async with KubeClient(KubeConfig(f"http://{HOST}:{port}", token=TOKEN)) as kube:
+    async with kube_fixtures.local_apiserver(TOKEN) as url, KubeClient(KubeConfig(url, token=TOKEN)) as kube:
+        try:
             await kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
             tasks = [asyncio.create_task(Controllers(kube).run(), name="local-controllers"),
                      asyncio.create_task(WaypointController(kube, STAND_IN).run(), name="waypoints")]
             yield kube
             for task in tasks:
                 assert not task.done(), task.exception()
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await server.close()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 async def get(kube: KubeClient, rt: Any, name: str) -> Obj | None:

@@ -3,58 +3,33 @@ created, reads back as rendered, and a second install is idempotent."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from ambient.cli.install import InstallValues, render
-from ambient.cli.main import cli
 from ambient.kube.client import KubeClient, KubeConfig
-from ambient.local.apiserver import ApiServer
+from tests.integration import kube_fixtures
+from tests.integration.kube_fixtures import local_apiserver, write_kubeconfig
 
 Obj = dict[str, Any]
-HOST, TOKEN = "127.0.0.1", "test-token"
+TOKEN = "test-token"
 WAIT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[tuple[KubeClient, Path]]:
-    server = ApiServer(None, TOKEN)
-    port = free_port()
-    await server.start([HOST], port)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "local",
-        "clusters": [{"name": "local", "cluster": {"server": f"http://{HOST}:{port}"}}],
-        "contexts": [{"name": "local", "context": {"cluster": "local", "user": "admin"}}],
-        "users": [{"name": "admin", "user": {"token": TOKEN}}],
-    }))
-    client = KubeClient(KubeConfig.load(kubeconfig))
-    try:
-        yield client, kubeconfig
-    finally:
-        await client.close()
-        await server.close()
+    async with local_apiserver(TOKEN) as url:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", url, TOKEN)
+        async with KubeClient(KubeConfig.load(kubeconfig)) as client:
+            yield client, kubeconfig
 
 
 async def ambientctl(kubeconfig: Path, *args: str) -> Result:
-    result = await asyncio.wait_for(asyncio.to_thread(
-        CliRunner().invoke, cli, ["--kubeconfig", str(kubeconfig), *args], prog_name="ambientctl"), WAIT)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"ambientctl raised {result.exception!r}:\n{result.output}") from result.exception
-    return result
+    return await kube_fixtures.ambientctl(kubeconfig, *args, timeout=WAIT)
 
 
 def contains(live: Any, wanted: Any) -> bool:

@@ -154,3 +154,14 @@ def test_the_validator_rejects_a_broken_manifest() -> None:
     ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilites"] = {}
     with pytest.raises(kv.ValidationError):
         kv.validate(ds, kv.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--image", ""), "error: --image must be a non-empty value"),
+    (("--namespace", "Istio_System"), "error: --namespace 'Istio_System' is not a valid namespace name"),
+    (("--trust-domain", " "), "error: --trust-domain must be a non-empty value"),
+])
+def test_bad_values_are_one_line_errors_before_anything_renders(args: tuple[str, ...], message: str) -> None:
+    result = CliRunner().invoke(cli, ["install", "--dry-run", *args])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
