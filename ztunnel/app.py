@@ -39,7 +39,7 @@ from ambient.xds.types import ztunnel_node_id
 from ambient.zds.protocol import WorkloadInfoLike
 from ztunnel import accesslog, authz, decision
 from ztunnel.admin import ConnectionEntry, WorkloadState
-from ztunnel.config import CONNECT_TIMEOUT, DRAIN_DEADLINE, WORKLOAD_WAIT, ZtunnelConfig
+from ztunnel.config import CONNECT_TIMEOUT, WORKLOAD_WAIT, ZtunnelConfig
 from ztunnel.dns import DnsProxy
 from ztunnel.metrics import ZtunnelMetrics, labels_for
 from ztunnel.proxy import sockets
@@ -67,7 +67,7 @@ class Ztunnel:
         self.store = WorkloadStore()
         root = Path(config.root_cert).read_bytes()
         self.xds = XdsClient(ClientConfig(
-            address=config.xds_address, node_id=ztunnel_node_id(config.node_ip, "ztunnel", "istio-system"),
+            address=config.xds_address, node_id=ztunnel_node_id(config.node_ip, config.pod_name, config.pod_namespace),
             cluster_id=config.cluster_id, token_file=Path(config.token_path), root_cert=root,
             server_name=config.server_name), self.store)
         self.ca = CaClient(CaClientConfig(address=config.ca_address, root_pem=root.decode(),
@@ -146,7 +146,7 @@ class Ztunnel:
         if pod is not None:
             self.metrics.workload_manager.proxies_stopped.inc()
             self.metrics.workload_manager.active_proxy_count.set(len(self.pods))
-            await pod.stop(DRAIN_DEADLINE)
+            await pod.stop(self.config_.drain_deadline)
             log.info("pod %s/%s removed", pod.namespace, pod.name)
 
     async def retain_only(self, uids: set[str]) -> None:
@@ -349,7 +349,8 @@ class Ztunnel:
         c = self.config_
         return {"nodeName": c.node_name, "nodeIp": c.node_ip, "xdsAddress": c.xds_address,
                 "caAddress": c.ca_address, "clusterId": c.cluster_id, "trustDomain": c.trust_domain,
-                "zdsSocket": c.zds_socket, "dnsCapture": c.dns_capture, "workers": c.workers}
+                "zdsSocket": c.zds_socket, "dnsCapture": c.dns_capture, "workers": c.workers,
+                "pod": f"{c.pod_namespace}/{c.pod_name}", "drainDeadlineSeconds": c.drain_deadline}
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def drain(self) -> None:

@@ -78,7 +78,7 @@ from ambient.zds.protocol import (
     ZdsError,
 )
 from ztunnel.admin import AdminServer, HttpServer, MetricsServer, WorkloadState, config_dump
-from ztunnel.config import DRAIN_DEADLINE, ZtunnelConfig
+from ztunnel.config import ZtunnelConfig
 from ztunnel.errors import ZtunnelError
 from ztunnel.metrics import ZtunnelMetrics
 from ztunnel.zds_client import PodManager, ZdsClient
@@ -346,7 +346,7 @@ class WorkerPool:
                 slot.link.close()
         if handles:
             _, pending = await asyncio.wait([asyncio.ensure_future(h.wait()) for h in handles],
-                                            timeout=DRAIN_DEADLINE + EXIT_GRACE)
+                                            timeout=self.config_.drain_deadline + EXIT_GRACE)
             for handle in handles:
                 if handle.returncode is None:
                     log.warning("worker pid %d did not exit after SIGTERM; killing it", handle.pid)

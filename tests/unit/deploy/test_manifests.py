@@ -36,6 +36,12 @@ def test_deploy_dir_is_the_rendered_default() -> None:
     assert kustomization["resources"] == list(FILES)
 
 
+def test_manifests_have_no_yaml_aliases() -> None:
+    """Rules that share a verb list are written out each time: `&id001`/`*id001` read badly in review."""
+    for name, text in deploy_files().items():
+        assert "&id0" not in text and "*id0" not in text, name
+
+
 def test_dry_run_parses_and_holds_every_kind() -> None:
     docs = dry_run()
     assert {d["kind"] for d in docs} == KINDS
