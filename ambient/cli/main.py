@@ -74,6 +74,9 @@ class Context:
         try:
             return asyncio.run(go())
         except ApiError as exc:
+            if exc.code == 401:  # kubectl's words, plus where to look
+                raise CliError(f"You must be logged in to the server (Unauthorized): {config.server} refused the "
+                               "credentials of the kubeconfig's current context") from None
             click.echo(f"Error from server ({exc.reason}): {exc.message}", err=True)
             sys.exit(1)
 
