@@ -407,6 +407,26 @@ async def apply_objects(client: KubeClient, objs: list[Obj], echo: Callable[[str
         echo(f"{label} configured")
 
 
+async def delete_objects(client: KubeClient, objs: list[Obj], echo: Callable[[str], None]) -> None:
+    """Delete each object (in reverse apply order) that exists; the Namespace is kept, with the mesh CA's
+    Secret in it, so that a reinstall keeps the same root and every workload certificate stays valid."""
+    for obj in reversed(objs):
+        meta = obj["metadata"]
+        label = f"{obj['kind'].lower()}/{meta['name']}"
+        if obj["kind"] == "Namespace":
+            echo(f"{label} kept (it holds the mesh CA's Secret): `ambientctl delete namespace {meta['name']}` "
+                 "removes it")
+            continue
+        try:
+            rt = await client.resource(obj["apiVersion"], obj["kind"])
+            await client.delete(rt, meta["name"], meta.get("namespace"))
+        except ApiError as exc:
+            if exc.code != 404:
+                raise
+            continue
+        echo(f"{label} deleted")
+
+
 def register(cli: click.Group) -> None:
     @cli.command()
     @click.option("--dry-run", is_flag=True,
@@ -432,4 +452,14 @@ def register(cli: click.Group) -> None:
             click.echo(dump(objs), nl=False)
             return
         ctx.obj.run(lambda client: apply_objects(client, objs, click.echo))
+
+    @cli.command()
+    @click.option("-n", "--namespace", default=NAMESPACE, show_default=True, help="namespace of the components")
+    @click.pass_context
+    def uninstall(ctx: click.Context, namespace: str) -> None:
+        """Remove what `install` created (the namespace and its CA Secret stay). The node agent takes the
+        CNI plugin out of each node's CNI config when its DaemonSet is deleted."""
+        values = InstallValues(namespace=namespace)
+        values.check()
+        ctx.obj.run(lambda client: delete_objects(client, render(values), click.echo))
 

@@ -69,3 +69,29 @@ async def test_dry_run_output_applies_with_ambientctl_apply(cluster: tuple[KubeC
     assert applied.exit_code == 0, applied.output
     ds = await client.get(await client.resource("apps/v1", "DaemonSet"), "ztunnel", "istio-system")
     assert ds["spec"]["template"]["spec"]["containers"][0]["image"] == InstallValues().image
+
+
+async def test_uninstall_deletes_everything_but_the_namespace_and_is_idempotent(
+        cluster: tuple[KubeClient, Path]) -> None:
+    client, kubeconfig = cluster
+    assert (await ambientctl(kubeconfig, "install", "-n", "mesh")).exit_code == 0
+    secrets = await client.resource("v1", "Secret")
+    await client.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "cacerts", "namespace": "mesh"},
+                         "data": {}})
+    result = await ambientctl(kubeconfig, "uninstall", "-n", "mesh")
+    assert result.exit_code == 0, result.output
+    objs = render(InstallValues(namespace="mesh"))
+    assert result.output.count(" deleted\n") == len(objs) - 1
+    assert "namespace/mesh kept" in result.output
+    for obj in objs[1:]:
+        rt = await client.resource(obj["apiVersion"], obj["kind"])
+        name, ns = obj["metadata"]["name"], obj["metadata"].get("namespace")
+        if rt.namespaced:
+            assert name not in {o["metadata"]["name"] for o in (await client.list(rt, ns))["items"]}, name
+        else:
+            assert name not in {o["metadata"]["name"] for o in (await client.list(rt))["items"]}, name
+    assert (await client.get(secrets, "cacerts", "mesh"))["metadata"]["name"] == "cacerts"
+
+    again = await ambientctl(kubeconfig, "uninstall", "-n", "mesh")
+    assert again.exit_code == 0, again.output
+    assert "deleted" not in again.output
