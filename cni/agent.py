@@ -32,7 +32,7 @@ from ambient.kube.informer import Informer
 from ambient.kube.resources import ResourceTable
 from ambient.proto import zds_pb2
 from cni import enrollment, netns_discovery
-from cni.agent_config import RETRY_MAX, RETRY_MIN, AgentConfig, parse_args
+from cni.agent_config import RETRY_MAX, RETRY_MIN, AgentConfig, default_plugin_source, parse_args
 from cni.cmdadd import CmdAddError, parse_cmdadd
 from cni.enrollment import REDIRECTION_ANNOTATION, Action
 from cni.installer import Installer, InstallError
@@ -362,7 +362,7 @@ def build_installer(config: AgentConfig) -> Installer | None:
         return None
     entry = {"plugin_log_level": "info", "cni_agent_run_dir": config.run_dir, "ambient_enabled": True,
              "exclude_namespaces": list(config.exclude_namespaces)}
-    source = Path(config.plugin_source) if config.plugin_source else Path(sys.executable).parent / "ambient-cni"
+    source = Path(config.plugin_source) if config.plugin_source else default_plugin_source()
     return Installer(Path(config.cni_conf_dir), Path(config.cni_bin_dir), source, entry,
                      Path(config.plugin_kubeconfig) if config.plugin_kubeconfig else None)
 

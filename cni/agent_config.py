@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ METRICS_PORT = 15014  # Prometheus (PROTOCOLS §1)
 DRIFT_INTERVAL = 10.0  # seconds between rule verifications of every enrolled pod
 RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds: backoff for enrollments that failed (ztunnel down, ...)
 EXCLUDED_NAMESPACES = ("kube-system",)  # never enrolled, as istio-cni's default
+# The self-contained plugin bundle in the image (Dockerfile, `cni.plugin_bundle`): hosts have no Python.
+PLUGIN_BUNDLE = "/opt/ambient/cni-plugin"
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class AgentConfig:
     # Installer mode: where the runtime reads CNI config and plugins; empty = do not install.
     cni_conf_dir: str = ""
     cni_bin_dir: str = ""
-    plugin_source: str = ""  # the plugin executable to copy as `istio-cni`
+    plugin_source: str = ""  # what to install as `istio-cni` (bundle dir or executable); "" = default_plugin_source()
     plugin_kubeconfig: str = ""  # kubeconfig the plugin should use (copied next to the conflist)
     host_probe_uid: int = 0  # uid of the kubelet's probe sockets (nftables `skuid` match)
     extra: dict[str, str] = field(default_factory=dict)
@@ -42,6 +45,13 @@ class AgentConfig:
     @property
     def plugin_socket(self) -> Path:
         return Path(self.run_dir) / "pluginevent.sock"
+
+
+def default_plugin_source() -> Path:
+    """The image's bundle when it is there, else the `ambient-cni` console script beside this interpreter (a
+    development venv or the local cluster, whose "hosts" share this Python)."""
+    bundle = Path(PLUGIN_BUNDLE)
+    return bundle if bundle.is_dir() else Path(sys.executable).parent / "ambient-cni"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, AgentConfig, str]:
@@ -65,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AgentConfig, str]:
     p.add_argument("--kubelet-pod-dir", action="append", default=[])
     p.add_argument("--cni-conf-dir", default=env.get("CNI_NET_DIR", ""))
     p.add_argument("--cni-bin-dir", default=env.get("CNI_BIN_DIR", ""))
-    p.add_argument("--plugin-source", default="")
+    p.add_argument("--plugin-source", default="", help="the plugin bundle directory or executable to install "
+                   f"(default: {PLUGIN_BUNDLE} if it exists, else ambient-cni beside this Python)")
     p.add_argument("--plugin-kubeconfig", default="")
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", "info"))
     a = p.parse_args(argv)

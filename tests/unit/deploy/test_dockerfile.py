@@ -1,6 +1,7 @@
 """The Dockerfile, checked statically (no Docker engine here): what it copies exists, it is multi-stage on a
-slim Python, the final stage has the agent's tools and a non-root user, and every entry point the manifests
-run is one pyproject installs."""
+slim Python, the final stage has the agent's tools and a non-root user, the self-contained CNI plugin bundle
+is built and lands where the agent installs it from, and every entry point the manifests run is one
+pyproject installs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 from ambient.cli.install import render
+from cni.agent_config import PLUGIN_BUNDLE
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -22,6 +24,21 @@ def instructions() -> list[tuple[str, str]]:
         if line and not line.startswith("#"):
             word, _, rest = line.partition(" ")
             out.append((word.upper(), rest.strip()))
+    return out
+
+
+def stages() -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Stage name (or its index) → (base image, its instructions)."""
+    out: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    steps: list[tuple[str, str]] = []
+    for word, args in instructions():
+        if word == "FROM":
+            parts = args.split()
+            steps = []
+            name = parts[2] if len(parts) == 3 and parts[1].upper() == "AS" else str(len(out))
+            out[name] = (parts[0], steps)
+        else:
+            steps.append((word, args))
     return out
 
 
@@ -53,7 +70,8 @@ def test_copied_sources_are_not_excluded_by_dockerignore() -> None:
 def test_multi_stage_on_slim_python_with_agent_tools_and_non_root_user() -> None:
     steps = instructions()
     bases = [args for word, args in steps if word == "FROM"]
-    assert len(bases) >= 2 and all(b.split()[0] == "python:3.11-slim" for b in bases)
+    assert len(bases) >= 2 and all(b.split()[0] in ("python:3.11-slim", "python:3.11-slim-bullseye") for b in bases)
+    assert bases[-1].split()[0] == "python:3.11-slim"
     final = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM"):]
     runs = " ".join(args for word, args in final if word == "RUN")
     for tool in ("iptables", "nftables", "ipset", "iproute2"):
@@ -63,11 +81,27 @@ def test_multi_stage_on_slim_python_with_agent_tools_and_non_root_user() -> None
     assert any("--from=builder" in args and "/opt/venv" in args for word, args in final if word == "COPY")
 
 
-def test_the_cni_plugin_is_built_where_the_agent_installer_looks() -> None:
-    # cni/agent.py: the default plugin source is `<dir of sys.executable>/ambient-cni`, i.e. /opt/venv/bin.
+def test_the_console_script_plugin_is_installed() -> None:
     runs = " ".join(args for word, args in instructions() if word == "RUN")
     assert "test -x /opt/venv/bin/ambient-cni" in runs
     assert "ambient-cni" in scripts()
+
+
+def test_the_plugin_bundle_is_built_and_copied_where_the_agent_installs_it_from() -> None:
+    # cni/agent_config.py: the agent's default --plugin-source is PLUGIN_BUNDLE when it exists.
+    all_stages = stages()
+    final = all_stages[list(all_stages)[-1]][1]
+    copies = [shlex.split(args) for word, args in final if word == "COPY" and args.split()[-1] == PLUGIN_BUNDLE]
+    assert len(copies) == 1, f"the final stage must COPY the plugin bundle to {PLUGIN_BUNDLE}"
+    source_stage, built = copies[0][0].removeprefix("--from="), copies[0][1]
+    base, steps = all_stages[source_stage]
+    # The bundle uses the host's glibc: built on the oldest base, it runs on the most hosts (glibc >= 2.31).
+    assert base == "python:3.11-slim-bullseye"
+    runs = [shlex.split(args) for word, args in steps if word == "RUN"]
+    assert any(run[:4] == ["python", "-m", "cni.plugin_bundle", built] for run in runs), runs
+    assert any("pyinstaller" in arg for run in runs for arg in run), "the bundle stage installs PyInstaller"
+    assert any(f"{built}/istio-cni" in run for run in runs), "the bundle stage checks the bundle runs"
+    assert (ROOT / "cni" / "plugin_bundle.py").is_file()
 
 
 def test_every_command_the_manifests_run_is_a_project_script() -> None:
