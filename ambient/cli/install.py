@@ -26,6 +26,7 @@ import yaml
 
 from ambient.cli.errors import CliError
 from ambient.control.waypoints import CONTAINER_NAME, WAYPOINT_CLASS
+from cni.agent_config import PLUGIN_BUNDLE
 from ambient.kube.client import KubeClient
 from ambient.kube.errors import ApiError
 from ambient.local.admission import check_name
@@ -198,7 +199,9 @@ def cni_node_objects(v: InstallValues) -> list[Obj]:
     container = {
         "name": "install-cni", "image": v.image, "imagePullPolicy": "IfNotPresent",
         "command": ["ambient-cni-agent"],
-        "args": ["run", "--cni-conf-dir", "/host/etc/cni/net.d", "--cni-bin-dir", "/host/opt/cni/bin"],
+        # The plugin the agent installs on the host is the image's self-contained bundle (cni/plugin_bundle.py).
+        "args": ["run", "--cni-conf-dir", "/host/etc/cni/net.d", "--cni-bin-dir", "/host/opt/cni/bin",
+                 "--plugin-source", PLUGIN_BUNDLE],
         "env": [_field_env("NODE_NAME", "spec.nodeName"), _field_env("POD_NAME", "metadata.name"),
                 _field_env("POD_NAMESPACE", "metadata.namespace")],
         "ports": [{"name": "health", "containerPort": CNI_HEALTH_PORT, "protocol": "TCP"},
