@@ -305,8 +305,14 @@ def test_the_data_short_path_behaves_like_h2_alone(frames: list[bytes], cuts: li
                 h.conn.data_received(memoryview(wire)[start:end])
             for _ in range(3):
                 await asyncio.sleep(0)  # scheduled flushes
-        assert bytes(short.transport.out) == bytes(plain.transport.out)  # same answers: RST, GOAWAY, PING ACK
         assert short.transport.closed == plain.transport.closed
+        if plain.transport.closed:
+            # A GOAWAY with no stream left closes the connection at once. h2 alone reads the rest of the same
+            # read before we close and may still answer a frame after the GOAWAY (a RST_STREAM for DATA on a
+            # reset stream); the short path closes first. Everything the short path wrote, h2 wrote too.
+            assert bytes(plain.transport.out).startswith(bytes(short.transport.out))
+        else:
+            assert bytes(short.transport.out) == bytes(plain.transport.out)  # same answers: RST, GOAWAY, PING ACK
         assert (short.conn.error and short.conn.error.reason) == (plain.conn.error and plain.conn.error.reason)
         for side in ("_inbound_flow_control_window_manager",):
             assert getattr(short.conn._h2, side).current_window_size == \
