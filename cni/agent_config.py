@@ -18,6 +18,15 @@ RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds: backoff for enrollments that failed
 EXCLUDED_NAMESPACES = ("kube-system",)  # never enrolled, as istio-cni's default
 # The self-contained plugin bundle in the image (Dockerfile, `cni.plugin_bundle`): hosts have no Python.
 PLUGIN_BUNDLE = "/opt/ambient/cni-plugin"
+# Seconds between checks that the plugin, its kubeconfig and its entry are in place (also how soon a primary
+# CNI config that appears late, or a rotated service account token, is picked up): a few stats and small reads.
+INSTALL_CHECK_INTERVAL = 1.0
+# The DaemonSet the agent runs in (deploy/cni-node.yaml), read in $POD_NAMESPACE when the agent stops.
+DAEMONSET_NAME = "ambient-cni-node"
+# Seconds the stop-time DaemonSet read may take: the pod's terminationGracePeriodSeconds is 5, and the
+# uninstall and server shutdown that follow need the rest.
+SHUTDOWN_CHECK_TIMEOUT = 2.0
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # the pod's token and ca.crt
 
 
 @dataclass(frozen=True)
@@ -38,13 +47,29 @@ class AgentConfig:
     cni_conf_dir: str = ""
     cni_bin_dir: str = ""
     plugin_source: str = ""  # what to install as `istio-cni` (bundle dir or executable); "" = default_plugin_source()
-    plugin_kubeconfig: str = ""  # kubeconfig the plugin should use (copied next to the conflist)
+    # Kubeconfig the plugin should use (copied into the run dir); "" = in a pod, render one from the pod's
+    # service account and $KUBERNETES_SERVICE_HOST/PORT (api_host/api_port), as Istio's install-cni does.
+    plugin_kubeconfig: str = ""
+    api_host: str = ""  # $KUBERNETES_SERVICE_HOST
+    api_port: str = ""  # $KUBERNETES_SERVICE_PORT
+    service_account_dir: str = SERVICE_ACCOUNT_DIR
+    # In a pod ($POD_NAME/$POD_NAMESPACE): on stop, the DaemonSet `daemonset_name` in `pod_namespace` decides
+    # whether the plugin is removed (install deleted) or kept (upgrade, restart). Outside a pod: always kept.
+    pod_name: str = ""
+    pod_namespace: str = ""
+    daemonset_name: str = DAEMONSET_NAME
+    shutdown_check_timeout: float = SHUTDOWN_CHECK_TIMEOUT
+    install_check_interval: float = INSTALL_CHECK_INTERVAL
     host_probe_uid: int = 0  # uid of the kubelet's probe sockets (nftables `skuid` match)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def plugin_socket(self) -> Path:
         return Path(self.run_dir) / "pluginevent.sock"
+
+    @property
+    def in_pod(self) -> bool:
+        return bool(self.pod_name and self.pod_namespace)
 
 
 def default_plugin_source() -> Path:
@@ -77,7 +102,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AgentConfig, str]:
     p.add_argument("--cni-bin-dir", default=env.get("CNI_BIN_DIR", ""))
     p.add_argument("--plugin-source", default="", help="the plugin bundle directory or executable to install "
                    f"(default: {PLUGIN_BUNDLE} if it exists, else ambient-cni beside this Python)")
-    p.add_argument("--plugin-kubeconfig", default="")
+    p.add_argument("--plugin-kubeconfig", default="", help="kubeconfig file for the plugin (copied into the run "
+                   "dir); default in a pod: one rendered from the pod's service account, kept current")
+    p.add_argument("--pod-name", default=env.get("POD_NAME", ""))
+    p.add_argument("--pod-namespace", default=env.get("POD_NAMESPACE", ""))
+    p.add_argument("--daemonset-name", default=DAEMONSET_NAME, help="the agent's DaemonSet in its pod's namespace: "
+                   "when the agent stops, the CNI plugin is removed if it is gone or being deleted, else kept "
+                   f"(default {DAEMONSET_NAME})")
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", "info"))
     a = p.parse_args(argv)
     if a.command == "run" and not a.node_name:
@@ -89,5 +120,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, AgentConfig, str]:
         health_address=(a.listen_address, a.health_port), metrics_address=(a.listen_address, a.metrics_port),
         drift_interval=a.drift_interval, kubelet_pod_dirs=tuple(a.kubelet_pod_dir),
         cni_conf_dir=a.cni_conf_dir, cni_bin_dir=a.cni_bin_dir, plugin_source=a.plugin_source,
-        plugin_kubeconfig=a.plugin_kubeconfig)
+        plugin_kubeconfig=a.plugin_kubeconfig, api_host=env.get("KUBERNETES_SERVICE_HOST", ""),
+        api_port=env.get("KUBERNETES_SERVICE_PORT", "443"), pod_name=a.pod_name, pod_namespace=a.pod_namespace,
+        daemonset_name=a.daemonset_name)
     return a.command, config, a.log_level

@@ -1,5 +1,11 @@
 """The waypoint's configuration: one frozen object built once from flags and the environment (the names
-Istio's waypoint pods get where they exist), every default a named constant with its reason."""
+Istio's waypoint pods get where they exist), every default a named constant with its reason.
+
+The defaults are what the waypoint pod the control plane deploys provides (ambient/control/waypoints.py,
+Istio's names and paths): the CA token at /var/run/secrets/tokens/istio-token, the mesh root at
+/var/run/secrets/istio/root-cert.pem, `CA_ADDRESS`/`XDS_ADDRESS` naming `istiod.<system ns>.svc:15012`,
+and the pod's ServiceAccount for the API server (in-cluster configuration) when no kubeconfig is given.
+Flags win over the environment."""
 
 from __future__ import annotations
 
@@ -7,14 +13,16 @@ import argparse
 import os
 from dataclasses import dataclass
 
-CA_ADDRESS = "istiod.istio-system.svc:15012"  # istiod's port (PROTOCOLS §1)
-XDS_ADDRESS = "istiod.istio-system.svc:15012"
-CONTROL_SERVER_NAME = "istiod.istio-system.svc"  # the SAN verified on 15012
-TOKEN_PATH = "/var/run/secrets/tokens/istio-token"
-ROOT_CERT = "/var/run/secrets/istio/root-cert.pem"
+from ambient.identity import istiod
+
+CA_ADDRESS = istiod.address()  # istiod.istio-system.svc:15012 (PROTOCOLS §1); the pod's $CA_ADDRESS wins
+XDS_ADDRESS = istiod.address()
+CONTROL_SERVER_NAME = istiod.CONTROL_SERVER_NAME  # the SAN verified on 15012 when dialled by IP address
+TOKEN_PATH = "/var/run/secrets/tokens/istio-token"  # the pod's projected token (audience istio-ca)
+ROOT_CERT = "/var/run/secrets/istio/root-cert.pem"  # ConfigMap istio-ca-root-cert, mounted
 CLUSTER_ID = "Kubernetes"
 TRUST_DOMAIN = "cluster.local"
-ROOT_NAMESPACE = "istio-system"  # mesh-wide policies and the GatewayClass live here (Istio's default)
+ROOT_NAMESPACE = istiod.SYSTEM_NAMESPACE  # mesh-wide policies and the GatewayClass live here (Istio's default)
 DOMAIN_SUFFIX = "cluster.local"
 HBONE_PORT = 15008  # PROTOCOLS §1
 ADMIN_PORT = 15000
@@ -48,7 +56,7 @@ class WaypointConfig:
     trust_domain: str = TRUST_DOMAIN
     root_namespace: str = ROOT_NAMESPACE
     domain_suffix: str = DOMAIN_SUFFIX
-    kubeconfig: str | None = None  # None: in-cluster configuration
+    kubeconfig: str | None = None  # None: $KUBECONFIG, ~/.kube/config, else in-cluster (KubeConfig.load)
     hbone_address: tuple[str, int] = ("0.0.0.0", HBONE_PORT)
     admin_address: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
     metrics_address: tuple[str, int] = ("0.0.0.0", METRICS_PORT)
@@ -77,15 +85,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[WaypointConfig, str]:
     p = argparse.ArgumentParser(prog="waypoint", description="ambient L7 proxy (Istio waypoint)")
     p.add_argument("--name", default=env.get("GATEWAY_NAME", ""), help="the waypoint Gateway's name")
     p.add_argument("--namespace", default=env.get("POD_NAMESPACE", ""))
-    p.add_argument("--kubeconfig", default=env.get("KUBECONFIG"), help="default: in-cluster configuration")
-    p.add_argument("--xds-address", default=env.get("XDS_ADDRESS", XDS_ADDRESS))
-    p.add_argument("--ca-address", default=env.get("CA_ADDRESS", CA_ADDRESS))
-    p.add_argument("--server-name", default=env.get("XDS_SERVER_NAME", CONTROL_SERVER_NAME))
-    p.add_argument("--root-cert", default=env.get("XDS_ROOT_CA", ROOT_CERT))
-    p.add_argument("--token-path", default=env.get("TOKEN_PATH", TOKEN_PATH))
+    p.add_argument("--kubeconfig", default=env.get("KUBECONFIG"),
+                   help="default: $KUBECONFIG, else the pod's ServiceAccount (in-cluster configuration)")
+    p.add_argument("--xds-address", default=env.get("XDS_ADDRESS") or XDS_ADDRESS)
+    p.add_argument("--ca-address", default=env.get("CA_ADDRESS") or CA_ADDRESS)
+    p.add_argument("--server-name", default=None, help="TLS name of the control plane (default: "
+                   "$XDS_SERVER_NAME, $ALT_XDS_HOSTNAME, the xDS address's host name, istiod.istio-system.svc)")
+    p.add_argument("--root-cert", default=env.get("XDS_ROOT_CA") or env.get("CA_ROOT_CA") or ROOT_CERT)
+    p.add_argument("--token-path", default=env.get("TOKEN_PATH") or TOKEN_PATH)
     p.add_argument("--impersonate", action="store_true",
                    help="the token is a node proxy's: ask the CA for this pod's identity by impersonation")
-    p.add_argument("--cluster-id", default=env.get("CLUSTER_ID", CLUSTER_ID))
+    # Istio's charts set ISTIO_META_CLUSTER_ID, which wins over CLUSTER_ID there too.
+    p.add_argument("--cluster-id", default=env.get("ISTIO_META_CLUSTER_ID") or env.get("CLUSTER_ID") or CLUSTER_ID)
     p.add_argument("--trust-domain", default=env.get("TRUST_DOMAIN", TRUST_DOMAIN))
     p.add_argument("--root-namespace", default=env.get("ROOT_NAMESPACE", ROOT_NAMESPACE))
     p.add_argument("--admin-address", default=f"127.0.0.1:{ADMIN_PORT}")
@@ -106,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[WaypointConfig, str]:
     return WaypointConfig(
         name=a.name, namespace=a.namespace, pod_name=env.get("POD_NAME", ""), pod_ip=env.get("POD_IP", ""),
         service_account=env.get("SERVICE_ACCOUNT", a.name), node_name=env.get("NODE_NAME", ""),
-        xds_address=a.xds_address, ca_address=a.ca_address, server_name=a.server_name, root_cert=a.root_cert,
+        xds_address=istiod.istio_address(a.xds_address), ca_address=istiod.istio_address(a.ca_address),
+        server_name=a.server_name or istiod.default_server_name(env, a.xds_address), root_cert=a.root_cert,
         token_path=a.token_path, impersonate=a.impersonate, cluster_id=a.cluster_id, trust_domain=a.trust_domain,
         root_namespace=a.root_namespace, kubeconfig=a.kubeconfig,
         hbone_address=(a.listen_ip, HBONE_PORT), admin_address=admin,

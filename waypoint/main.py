@@ -46,13 +46,24 @@ def router_node_id(config: WaypointConfig) -> str:
             f"{config.namespace}.svc.{config.domain_suffix}")
 
 
-async def _wait_for_files(config: WaypointConfig) -> None:
-    deadline = time.monotonic() + FILES_WAIT
+def _missing_file_message(config: WaypointConfig, path: str, waited: float) -> str:
+    if path == config.root_cert:
+        what, fix = "the mesh root", ("mount ConfigMap istio-ca-root-cert there (ambient-control publishes it in "
+                                      "every namespace) or pass --root-cert")
+    else:
+        what, fix = "the CA token", ("mount a projected ServiceAccount token with audience istio-ca there or pass "
+                                     "--token-path")
+    return f"waypoint: {what} {path} does not exist after {waited:.0f}s; {fix}"
+
+
+async def _wait_for_files(config: WaypointConfig, timeout: float = FILES_WAIT) -> None:
+    """Wait for the mesh root and the token (written at start locally, mounted on a cluster); exit with one
+    line naming what is missing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
     for path in (config.root_cert, config.token_path):
         while not Path(path).exists():
             if time.monotonic() > deadline:
-                raise SystemExit(f"waypoint: {path} does not exist after {FILES_WAIT:.0f}s; "
-                                 "is the control plane running (it publishes the mesh root)?")
+                raise SystemExit(_missing_file_message(config, path, timeout))
             await asyncio.sleep(0.1)
 
 

@@ -25,16 +25,17 @@ import click
 import yaml
 
 from ambient.cli.errors import CliError
-from ambient.control.waypoints import CONTAINER_NAME, WAYPOINT_CLASS
-from cni.agent_config import PLUGIN_BUNDLE
+from ambient.control import rootcert
+from ambient.control.waypoints import CONTAINER_NAME, DEFAULT_IMAGE, WAYPOINT_CLASS, WAYPOINT_CLUSTER_ROLE
 from ambient.kube.client import KubeClient
 from ambient.kube.errors import ApiError
 from ambient.local.admission import check_name
+from cni.agent_config import PLUGIN_BUNDLE
 
 Obj = dict[str, Any]
 
-NAMESPACE = "istio-system"  # Istio's; the CA trusts ztunnel only as istio-system/ztunnel (ca_server.py)
-IMAGE = "ambient-py:0.1.0"  # what the Dockerfile at the repo root builds
+NAMESPACE = "istio-system"  # Istio's; ambient-control runs in it and trusts `<namespace>/ztunnel` as node proxy
+IMAGE = DEFAULT_IMAGE  # what the Dockerfile at the repo root builds
 TRUST_DOMAIN = "cluster.local"
 CLUSTER_ID = "Kubernetes"  # istiod's default
 CONTROLLER_NAME = "istio.io/mesh-controller"  # GatewayClass controllerName for istio-waypoint
@@ -46,7 +47,7 @@ ZTUNNEL_GRACE_SECONDS = 30
 CNI_HEALTH_PORT, CNI_METRICS_PORT = 8000, 15014
 TOKEN_AUDIENCE = "istio-ca"  # what the CA's TokenReview asks for (ca_server.TOKEN_AUDIENCES)
 TOKEN_SECONDS = 43200  # Istio's ztunnel chart
-ROOT_CERT_CONFIGMAP = "istio-ca-root-cert"  # Istio's name, key root-cert.pem
+ROOT_CERT_CONFIGMAP = rootcert.CONFIGMAP_NAME  # Istio's name, key root-cert.pem; ambient-control publishes it
 ZDS_DIR, CNI_RUN_DIR = "/var/run/ztunnel", "/var/run/istio-cni"
 HOST_CNI_BIN, HOST_CNI_CONF = "/opt/cni/bin", "/etc/cni/net.d"
 # deploy/ file → which objects it holds, in apply order (namespace first, class last).
@@ -109,6 +110,13 @@ def _cluster_rbac(name: str, namespace: str, rules: list[Obj]) -> list[Obj]:
     ]
 
 
+def _role_binding(name: str, namespace: str) -> Obj:
+    """Binds Role `name` to ServiceAccount `name`, both in `namespace`."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(name, namespace),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]}
+
+
 def _field_env(name: str, path: str) -> Obj:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
@@ -144,20 +152,27 @@ def control_objects(v: InstallValues) -> list[Obj]:
         _rule(["apps"], ["deployments"], READ + WRITE),
         _rule([""], ["events"], ["create", "patch"]),
         _rule(["events.k8s.io"], ["events"], ["create", "patch"]),
+        # The mesh root in ConfigMap `istio-ca-root-cert` of every namespace (as istiod); `create` cannot be
+        # limited by name, the rest is (the publisher watches with a metadata.name field selector).
+        _rule([""], ["configmaps"], ["create"]),
+        {**_rule([""], ["configmaps"], [*READ, "update", "patch"]), "resourceNames": [ROOT_CERT_CONFIGMAP]},
+        # The ClusterRoleBinding that grants the waypoints' ServiceAccounts (and only those) ClusterRole
+        # `ambient-waypoint`; `bind` lets it grant that one role without holding every permission in it.
+        _rule(["rbac.authorization.k8s.io"], ["clusterrolebindings"], ["create"]),
+        {**_rule(["rbac.authorization.k8s.io"], ["clusterrolebindings"], READ + WRITE),
+         "resourceNames": [WAYPOINT_CLUSTER_ROLE]},
+        {**_rule(["rbac.authorization.k8s.io"], ["clusterroles"], ["bind"]), "resourceNames": [WAYPOINT_CLUSTER_ROLE]},
     ]
     # The CA root lives in Secret `cacerts` (yours) or `istio-ca-secret` (created on first start) in its
     # namespace; only this namespace's secrets, never cluster-wide.
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(name, ns),
-            "rules": [_rule([""], ["secrets"], ["get", "create"]),
-                      _rule([""], ["configmaps"], [*READ, "create", "update", "patch"])]}
-    role_binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(name, ns),
-                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-                    "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]}
+            "rules": [_rule([""], ["secrets"], ["get", "create"])]}
     container = {
         "name": "discovery", "image": v.image, "imagePullPolicy": "IfNotPresent",
-        "command": ["ambient-control"], "args": ["--root-namespace", ns, "--serving-ip", "$(POD_IP)"],
+        # Its namespace (POD_NAMESPACE) is the system namespace: CA Secret, trusted ztunnel, root namespace.
+        "command": ["ambient-control"], "args": ["--serving-ip", "$(POD_IP)", "--waypoint-image", v.image],
         "env": [{"name": "CLUSTER_ID", "value": v.cluster_id}, {"name": "TRUST_DOMAIN", "value": v.trust_domain},
-                _field_env("POD_IP", "status.podIP")],
+                _field_env("POD_IP", "status.podIP"), _field_env("POD_NAMESPACE", "metadata.namespace")],
         "ports": [{"name": "grpc-xds", "containerPort": XDS_PLAINTEXT_PORT, "protocol": "TCP"},
                   {"name": "https-dds", "containerPort": XDS_TLS_PORT, "protocol": "TCP"},
                   {"name": "http-monitoring", "containerPort": CONTROL_MONITORING_PORT, "protocol": "TCP"}],
@@ -184,7 +199,7 @@ def control_objects(v: InstallValues) -> list[Obj]:
             {"name": "http-monitoring", "port": CONTROL_MONITORING_PORT, "protocol": "TCP"}]},
     }
     return [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, ns)},
-            *_cluster_rbac(name, ns, rules), role, role_binding, deployment, service]
+            *_cluster_rbac(name, ns, rules), role, _role_binding(name, ns), deployment, service]
 
 
 def cni_node_objects(v: InstallValues) -> list[Obj]:
@@ -248,8 +263,12 @@ def cni_node_objects(v: InstallValues) -> list[Obj]:
                              _host_path("cni-netns-dir", "/var/run/netns", "DirectoryOrCreate"),
                          ]}}},
     }
+    # On SIGTERM the agent reads its DaemonSet: gone or being deleted → it takes the plugin out of the node's
+    # CNI config (uninstall); present → it leaves it (upgrade). Only that one object.
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(name, ns),
+            "rules": [{**_rule(["apps"], ["daemonsets"], ["get"]), "resourceNames": [name]}]}
     return [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(name, ns)},
-            *_cluster_rbac(name, ns, rules), daemonset]
+            *_cluster_rbac(name, ns, rules), role, _role_binding(name, ns), daemonset]
 
 
 def ztunnel_objects(v: InstallValues) -> list[Obj]:
@@ -319,22 +338,19 @@ def ztunnel_objects(v: InstallValues) -> list[Obj]:
 
 def waypoint_rbac_objects(v: InstallValues) -> list[Obj]:
     """Our waypoint reads its L7 config (VirtualService, DestinationRule, HTTPRoute, AuthorizationPolicy,
-    RequestAuthentication) from the API with its own ServiceAccount, which the controller creates per
-    Gateway; read access is granted to all service accounts (read-only, mesh config only)."""
-    name = "ambient-waypoint"
+    RequestAuthentication, Gateway) and pod labels (DestinationRule subsets) from the API with its own
+    ServiceAccount, which the controller creates per Gateway. The controller also keeps ClusterRoleBinding
+    `ambient-waypoint` naming exactly those ServiceAccounts (ambient/control/waypoints.py), so only the
+    ClusterRole is installed here: a rendered binding would fight the controller's."""
     rules = [
         _rule(["networking.istio.io"], ["virtualservices", "destinationrules"], READ),
         _rule(["security.istio.io"], ["authorizationpolicies", "requestauthentications"], READ),
-        _rule(["gateway.networking.k8s.io"], ["httproutes", "grpcroutes", "gateways"], READ),
-        _rule([""], ["services", "namespaces"], READ),
+        _rule(["gateway.networking.k8s.io"], ["httproutes", "gateways"], READ),
+        _rule([""], ["pods"], READ),
         _rule([""], ["events"], ["create", "patch"]),
     ]
-    return [
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": _meta(name), "rules": rules},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": _meta(name),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-         "subjects": [{"kind": "Group", "name": "system:serviceaccounts", "apiGroup": "rbac.authorization.k8s.io"}]},
-    ]
+    return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": _meta(WAYPOINT_CLUSTER_ROLE), "rules": rules}]
 
 
 def gatewayclass_objects(v: InstallValues) -> list[Obj]:

@@ -6,9 +6,15 @@ One process, one event loop:
   unchanged objects cause no push;
 - delta xDS (`ambient.xds.server`) on 15010 (plaintext) and 15012 (TLS, with the CA), PROTOCOLS §5;
 - the Istio CA (`ambient.control.ca_server`) on 15012, the only holder of the CA key;
-- the waypoint controller (Gateway `istio-waypoint` → ServiceAccount, Deployment, Service, status);
+- the waypoint controller (Gateway `istio-waypoint` → ServiceAccount, Deployment, Service, status, and
+  the ClusterRoleBinding that lets the waypoints read their L7 configuration);
+- the root certificate publisher (ConfigMap `istio-ca-root-cert` in every namespace, as istiod's);
 - an HTTP endpoint (15014) with `/ready`, `/metrics`-style counters and `/debug/xds`, a JSON dump of
   every resource served (what `ambientctl` shows and tests read).
+
+It runs in its system namespace (`--system-namespace`, default the pod's `POD_NAMESPACE`, else
+`istio-system`): the CA Secret lives there, ztunnel is trusted as a node proxy only as `<ns>/ztunnel`, and
+clients reach it as the Service `istiod.<ns>.svc` (the DNS name of its 15012 certificate).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -36,8 +43,18 @@ from ambient.control.ca_server import (
     CertificateService,
     TokenReviewAuthenticator,
 )
+from ambient.control.rootcert import RootCertPublisher
 from ambient.control.translate import ClusterState, translate
 from ambient.control.translate.canonical import message_to_canonical
+from ambient.control.waypoints import (
+    DEFAULT_COMMAND,
+    DEFAULT_IMAGE,
+    WAYPOINT_CLUSTER_ROLE,
+    WaypointController,
+    WaypointTemplate,
+)
+from ambient.identity import istiod
+from ambient.identity.errors import IdentityError
 from ambient.identity.signer import CaSigner, load_or_create_in_cluster
 from ambient.kube.client import KubeClient, KubeConfig, KubeConfigError
 from ambient.kube.errors import ApiError
@@ -55,10 +72,13 @@ TYPES = ResourceTable()
 
 CLUSTER_ID = "Kubernetes"  # istiod's default cluster id
 TRUST_DOMAIN = "cluster.local"
-ROOT_NAMESPACE = "istio-system"
-XDS_PLAINTEXT_PORT = 15010
+SYSTEM_NAMESPACE = istiod.SYSTEM_NAMESPACE  # when not running in a pod (no $POD_NAMESPACE)
+ROOT_NAMESPACE = SYSTEM_NAMESPACE  # Istio's meshConfig.rootNamespace defaults to istiod's namespace too
+NODE_PROXY_ACCOUNT = "ztunnel"  # Istio's CA_TRUSTED_NODE_ACCOUNTS for ambient: <system ns>/ztunnel
+XDS_PLAINTEXT_PORT = 15010  # istiod's ports (PROTOCOLS §1)
 XDS_TLS_PORT = 15012
 MONITORING_PORT = 15014
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS-1123 label, as Kubernetes checks
 STATUS_KINDS = {"AuthorizationPolicy": TYPES.require("authorizationpolicies.security.istio.io")}
 TRANSLATE_DEBOUNCE = 0.05  # seconds: gather a burst of watch events into one translation
 
@@ -76,6 +96,7 @@ class ControlConfig:
     kubeconfig: str | None
     cluster_id: str = CLUSTER_ID
     trust_domain: str = TRUST_DOMAIN
+    system_namespace: str = SYSTEM_NAMESPACE
     root_namespace: str = ROOT_NAMESPACE
     ca_dir: str = ""  # persisted CA (local); empty = the cluster's Secret
     ca_cert: str = ""
@@ -87,7 +108,30 @@ class ControlConfig:
     xds_tls_port: int = XDS_TLS_PORT
     monitoring_port: int = MONITORING_PORT
     root_cert_out: str = ""  # where to publish the mesh root for clients (local cluster)
-    waypoint_command: tuple[str, ...] = ("waypoint",)
+    waypoint_command: tuple[str, ...] = DEFAULT_COMMAND
+    waypoint_image: str = DEFAULT_IMAGE
+    waypoint_cluster_role: str = WAYPOINT_CLUSTER_ROLE  # empty: no ClusterRoleBinding for waypoints
+
+    @property
+    def control_address(self) -> str:
+        """How pods reach us: `istiod.<system ns>.svc:<TLS port>` (the Service carries our port numbers)."""
+        return istiod.address(self.system_namespace, self.xds_tls_port)
+
+    @property
+    def serving_names(self) -> tuple[str, ...]:
+        """DNS SANs of the 15012 certificate: `istiod.<system ns>.svc`, which clients dialling the Service
+        verify, and Istio's default name, which clients dialling an IP address verify (PROTOCOLS §5)."""
+        return tuple(dict.fromkeys((istiod.dns_name(self.system_namespace), istiod.CONTROL_SERVER_NAME)))
+
+    @property
+    def node_proxies(self) -> frozenset[tuple[str, str]]:
+        return frozenset({(self.system_namespace, NODE_PROXY_ACCOUNT)})
+
+    @property
+    def waypoint_template(self) -> WaypointTemplate:
+        return WaypointTemplate(command=self.waypoint_command, image=self.waypoint_image,
+                                control_address=self.control_address, cluster_id=self.cluster_id,
+                                trust_domain=self.trust_domain, root_namespace=self.root_namespace)
 
 
 class InformerPods:
@@ -200,7 +244,7 @@ def load_signer(config: ControlConfig, client: KubeClient) -> CaSigner | asyncio
         return CaSigner.from_files(config.ca_cert, config.ca_key, config.trust_domain)
     if config.ca_dir:
         return CaSigner.load_or_create(config.ca_dir, config.trust_domain)
-    return asyncio.ensure_future(load_or_create_in_cluster(client, config.trust_domain))
+    return asyncio.ensure_future(load_or_create_in_cluster(client, config.trust_domain, config.system_namespace))
 
 
 def xds_authenticator(authenticator: Authenticator, cluster_id: str):  # type: ignore[no-untyped-def]
@@ -226,11 +270,11 @@ async def run(config: ControlConfig) -> None:
         Path(config.root_cert_out).write_text(signer.root_pem)
     authenticator: Authenticator = (
         BootstrapTokenAuthenticator(config.bootstrap_tokens, config.trust_domain) if config.bootstrap_tokens
-        else TokenReviewAuthenticator(client, config.trust_domain))
+        else TokenReviewAuthenticator(client, config.trust_domain, node_proxies=config.node_proxies))
     xds = XdsServer(plane.source, authenticate=xds_authenticator(authenticator, config.cluster_id))
     ca = CertificateService(signer, authenticator, InformerPods(plane.informers["pods"]),
                             cluster_id=config.cluster_id)
-    serving = signer.issue_serving_certificate(config.serving_ips)
+    serving = signer.issue_serving_certificate(config.serving_ips, config.serving_names)
     tls_server = grpc.aio.server(options=SERVER_OPTIONS)
     xds.add_to_server(tls_server)
     ca.register(tls_server)
@@ -240,20 +284,20 @@ async def run(config: ControlConfig) -> None:
     xds.add_to_server(plain_server)
     plain_server.add_insecure_port(f"{config.listen}:{config.xds_plaintext_port}")
     monitor = await _serve_monitoring(plane, xds, config)
-    from ambient.control.waypoints import WaypointController
-
-    waypoints = WaypointController(client, command=list(config.waypoint_command))
+    waypoints = WaypointController(client, config.waypoint_template, cluster_role=config.waypoint_cluster_role)
+    root_certs = RootCertPublisher(client, signer.root_pem)
     try:
         await tls_server.start()
         await plain_server.start()
-        log.info("serving xDS on :%d (plaintext) and xDS + CA on :%d (TLS), trust domain %s",
-                 config.xds_plaintext_port, config.xds_tls_port, config.trust_domain)
+        log.info("serving xDS on :%d (plaintext) and xDS + CA on :%d (TLS) as %s, trust domain %s",
+                 config.xds_plaintext_port, config.xds_tls_port, config.control_address, config.trust_domain)
         async with asyncio.TaskGroup() as tg:
             for table, informer in plane.informers.items():
                 tg.create_task(informer.run(), name=f"informer-{table}")
             tg.create_task(plane.translate_loop(), name="translate")
             tg.create_task(xds.run(), name="xds-push")
             tg.create_task(waypoints.run(), name="waypoint-controller")
+            tg.create_task(root_certs.run(), name="root-cert-publisher")
     except asyncio.CancelledError:
         log.info("stopping")
     finally:
@@ -285,30 +329,61 @@ async def _serve_monitoring(plane: ControlPlane, xds: XdsServer, config: Control
     return runner
 
 
+def port(text: str) -> int:
+    """A TCP port number (argparse names this type in its error: "invalid port value: 'x'")."""
+    number = int(text)
+    if not 0 < number < 65536:
+        raise ValueError(text)
+    return number
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ControlConfig, str]:
     env = os.environ
     p = argparse.ArgumentParser(prog="ambient-control", description="ambient control plane (istiod's ambient parts)")
-    p.add_argument("--kubeconfig", default=env.get("KUBECONFIG"))
+    p.add_argument("--kubeconfig", default=env.get("KUBECONFIG"),
+                   help="default: $KUBECONFIG, else the pod's ServiceAccount (in-cluster configuration)")
     p.add_argument("--cluster-id", default=env.get("CLUSTER_ID", CLUSTER_ID))
     p.add_argument("--trust-domain", default=env.get("TRUST_DOMAIN", TRUST_DOMAIN))
-    p.add_argument("--root-namespace", default=ROOT_NAMESPACE)
+    p.add_argument("--system-namespace", default=env.get("POD_NAMESPACE") or SYSTEM_NAMESPACE,
+                   help="where the CA Secret lives, ztunnel runs and the Service istiod points at us "
+                        f"(default: $POD_NAMESPACE, else {SYSTEM_NAMESPACE})")
+    p.add_argument("--root-namespace", default=None,
+                   help="namespace of mesh-wide policies (default: the system namespace)")
     p.add_argument("--ca-dir", default="", help="persist a self-signed CA here (default: Secret istio-ca-secret)")
     p.add_argument("--ca-cert", default="", help="use this CA certificate (root or intermediate) ...")
     p.add_argument("--ca-key", default="", help="... with this key")
     p.add_argument("--bootstrap-tokens", default="", help="token file for local callers (default: TokenReview)")
     p.add_argument("--listen", default="0.0.0.0")
+    p.add_argument("--xds-plaintext-port", type=port, default=XDS_PLAINTEXT_PORT, help="plaintext xDS")
+    p.add_argument("--xds-tls-port", type=port, default=XDS_TLS_PORT, help="xDS and the CA over TLS")
+    p.add_argument("--monitoring-port", type=port, default=MONITORING_PORT, help="/ready and /debug")
     p.add_argument("--serving-ip", action="append", default=[], help="IP SANs of the 15012 certificate")
     p.add_argument("--root-cert-out", default="", help="write the mesh root certificate here")
-    p.add_argument("--waypoint-command", default="waypoint", help="command of waypoint pods (space separated)")
+    p.add_argument("--waypoint-command", default=" ".join(DEFAULT_COMMAND),
+                   help="command of waypoint pods (space separated)")
+    p.add_argument("--waypoint-image", default=DEFAULT_IMAGE, help="container image of waypoint pods")
+    p.add_argument("--waypoint-cluster-role", default=WAYPOINT_CLUSTER_ROLE,
+                   help="ClusterRole bound to every waypoint's ServiceAccount (ClusterRoleBinding of the same "
+                        "name, kept by the controller); empty: none")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
     if bool(a.ca_cert) != bool(a.ca_key):
         p.error("--ca-cert and --ca-key go together")
+    if not NAMESPACE_NAME.fullmatch(a.system_namespace):
+        p.error(f"--system-namespace {a.system_namespace!r} is not a namespace name (lowercase letters, digits "
+                "and '-', at most 63)")
+    if len({a.xds_plaintext_port, a.xds_tls_port, a.monitoring_port}) != 3:
+        p.error("--xds-plaintext-port, --xds-tls-port and --monitoring-port must differ")
+    if not a.waypoint_command.split():
+        p.error("--waypoint-command must name a program")
     return ControlConfig(
         kubeconfig=a.kubeconfig, cluster_id=a.cluster_id, trust_domain=a.trust_domain,
-        root_namespace=a.root_namespace, ca_dir=a.ca_dir, ca_cert=a.ca_cert, ca_key=a.ca_key,
+        system_namespace=a.system_namespace, root_namespace=a.root_namespace or a.system_namespace,
+        ca_dir=a.ca_dir, ca_cert=a.ca_cert, ca_key=a.ca_key,
         bootstrap_tokens=a.bootstrap_tokens, listen=a.listen, serving_ips=tuple(a.serving_ip or ["127.0.0.1"]),
-        root_cert_out=a.root_cert_out, waypoint_command=tuple(a.waypoint_command.split())), a.log_level
+        xds_plaintext_port=a.xds_plaintext_port, xds_tls_port=a.xds_tls_port, monitoring_port=a.monitoring_port,
+        root_cert_out=a.root_cert_out, waypoint_command=tuple(a.waypoint_command.split()),
+        waypoint_image=a.waypoint_image, waypoint_cluster_role=a.waypoint_cluster_role), a.log_level
 
 
 def main() -> None:
@@ -317,7 +392,7 @@ def main() -> None:
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run(config))
-    except (KubeConfigError, ApiError) as exc:
+    except (KubeConfigError, ApiError, IdentityError) as exc:  # a kubeconfig, the CA Secret or CA files
         sys.exit(f"ambient-control: {exc}")
 
 

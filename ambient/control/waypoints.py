@@ -19,6 +19,17 @@ writes the Gateway's status:
 Deleting the Gateway deletes the three objects: explicitly here, and through the ownerReferences by a
 cluster's garbage collector. A Gateway that stops being a valid waypoint loses them too.
 
+The waypoint pod is what a real cluster runs (`WaypointTemplate`): our image, a projected ServiceAccount
+token for the CA (`istio-token`, audience `istio-ca`) at /var/run/secrets/tokens, the mesh root from
+ConfigMap `istio-ca-root-cert` (`rootcert.py` publishes it) at /var/run/secrets/istio, and `CA_ADDRESS` /
+`XDS_ADDRESS` naming the control plane's Service: the names and paths of Istio's waypoint template, which
+are also the waypoint's own defaults (waypoint/config.py). The local cluster replaces the command.
+
+Waypoints read their L7 configuration from the API server themselves, so their ServiceAccounts need read
+access: the controller keeps one ClusterRoleBinding (`--waypoint-cluster-role`, to the ClusterRole of that
+name) whose subjects are exactly the ServiceAccounts of the accepted waypoint Gateways, rather than granting
+it to every ServiceAccount in the cluster.
+
 The object and status construction are pure functions (`waypoint_objects`, `gateway_status`,
 `update_patch`); `WaypointController` is the asyncio shell that watches and writes. It must not decide
 anything about traffic: which workloads use a waypoint is the translation's job (`translate/waypoints.py`).
@@ -30,9 +41,13 @@ import asyncio
 import copy
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from ambient.control.rootcert import CONFIGMAP_NAME as ROOT_CERT_CONFIGMAP
+from ambient.control.workqueue import WorkQueue
+from ambient.identity import istiod
 from ambient.kube.client import KubeClient
 from ambient.kube.errors import ApiError
 from ambient.kube.events import now_rfc3339
@@ -64,6 +79,14 @@ DOMAIN_SUFFIX = "cluster.local"
 # The waypoint reads its Gateway's name and namespace from flags; `$(VAR)` is expanded by the kubelet from
 # the container's env, so a stand-in command (a test's HTTP server) can drop the flags and still work.
 DEFAULT_COMMAND: tuple[str, ...] = ("waypoint", "--name", "$(GATEWAY_NAME)", "--namespace", "$(POD_NAMESPACE)")
+DEFAULT_IMAGE = "ambient-py:0.1.0"  # what the Dockerfile at the repo root builds (one image, every entry point)
+# Istio's waypoint pod: the CA token and the mesh root, by Istio's volume names and paths (the waypoint's
+# defaults, waypoint/config.py).
+TOKEN_VOLUME, TOKEN_DIR, TOKEN_FILE = "istio-token", "/var/run/secrets/tokens", "istio-token"
+TOKEN_AUDIENCE = "istio-ca"  # what the CA's TokenReview asks for (ca_server.TOKEN_AUDIENCES)
+TOKEN_SECONDS = 43200  # Istio's projected token lifetime; the kubelet refreshes it at 80%
+ROOT_CERT_VOLUME, ROOT_CERT_DIR = "istiod-ca-cert", "/var/run/secrets/istio"
+PROXY_UID = 1337  # Istio's proxy user; the image's USER too
 # Readiness every 2 s: Istio probes every 15 s behind a 1 s startupProbe; the local kubelet has no startup
 # probes, so readiness alone has to notice a waypoint that just started.
 READINESS_PERIOD = 2
@@ -72,14 +95,28 @@ READINESS_FAILURES = 4  # Istio's failureThreshold
 # Istio's strings, kept so that users grep for the same text.
 LISTENER_MESSAGE = f'Expected a single listener on port {HBONE_PORT} with protocol "{HBONE_PROTOCOL}"'
 
-DEBOUNCE = 0.05  # seconds: gather a burst of watch events into one pass
-RETRY_MIN, RETRY_MAX = 0.2, 5.0  # seconds between attempts for a Gateway whose writes failed
+RBAC_API_VERSION = "rbac.authorization.k8s.io/v1"
+WAYPOINT_CLUSTER_ROLE = "ambient-waypoint"  # the ClusterRole our installer renders (what waypoints read)
+MANAGED_BY = {"app.kubernetes.io/managed-by": "ambient-control"}
 
 TYPES = ResourceTable()
 GATEWAY = TYPES.for_manifest(GATEWAY_API_VERSION, "Gateway")
-SERVICE_ACCOUNT, DEPLOYMENT, SERVICE, POD = (
-    TYPES.require(n) for n in ("serviceaccounts", "deployments.apps", "services", "pods"))
+SERVICE_ACCOUNT, DEPLOYMENT, SERVICE, POD, CLUSTER_ROLE_BINDING = (
+    TYPES.require(n) for n in ("serviceaccounts", "deployments.apps", "services", "pods",
+                               "clusterrolebindings.rbac.authorization.k8s.io"))
 OWNED_TYPES: tuple[ResourceType, ...] = (SERVICE_ACCOUNT, DEPLOYMENT, SERVICE)
+
+
+@dataclass(frozen=True)
+class WaypointTemplate:
+    """What every waypoint pod gets from the control plane's configuration."""
+
+    command: tuple[str, ...] = DEFAULT_COMMAND  # the container's whole argv
+    image: str = DEFAULT_IMAGE
+    control_address: str = istiod.address()  # CA_ADDRESS and XDS_ADDRESS: istiod.<system ns>.svc:15012
+    cluster_id: str = "Kubernetes"  # the waypoint must present the control plane's cluster id ...
+    trust_domain: str = "cluster.local"  # ... ask for identities in its trust domain ...
+    root_namespace: str = istiod.SYSTEM_NAMESPACE  # ... and read mesh-wide policies where it does
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -135,9 +172,35 @@ def _port_name(listener_name: str, index: int) -> str:
     return name or f"hbone-{index}"
 
 
-def waypoint_objects(gateway: Obj, command: Sequence[str] = DEFAULT_COMMAND) -> list[Obj]:
+def accepted(gateway: Obj) -> bool:
+    """A live waypoint Gateway with a valid HBONE listener: the ones that get a waypoint deployed."""
+    return (is_waypoint(gateway) and listener_problem(gateway) is None
+            and not gateway["metadata"].get("deletionTimestamp"))
+
+
+def _pod_env(name: str, template: WaypointTemplate) -> list[Obj]:
+    env: list[Obj] = [{"name": "GATEWAY_NAME", "value": name}]
+    env += [{"name": var, "valueFrom": {"fieldRef": {"fieldPath": path}}} for var, path in (
+        ("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"), ("POD_IP", "status.podIP"),
+        ("SERVICE_ACCOUNT", "spec.serviceAccountName"), ("NODE_NAME", "spec.nodeName"))]
+    env += [{"name": var, "value": value} for var, value in (
+        ("CA_ADDRESS", template.control_address), ("XDS_ADDRESS", template.control_address),
+        ("CLUSTER_ID", template.cluster_id), ("TRUST_DOMAIN", template.trust_domain),
+        ("ROOT_NAMESPACE", template.root_namespace))]
+    return env
+
+
+def _pod_volumes() -> list[Obj]:
+    return [
+        {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+            "audience": TOKEN_AUDIENCE, "expirationSeconds": TOKEN_SECONDS, "path": TOKEN_FILE}}]}},
+        {"name": ROOT_CERT_VOLUME, "configMap": {"name": ROOT_CERT_CONFIGMAP}},
+    ]
+
+
+def waypoint_objects(gateway: Obj, template: WaypointTemplate = WaypointTemplate()) -> list[Obj]:
     """The ServiceAccount, Deployment and Service a waypoint Gateway wants; [] when it is not a waypoint or
-    not accepted. `command` is the container's whole argv (images are not run locally)."""
+    not accepted."""
     if not is_waypoint(gateway) or listener_problem(gateway) is not None:
         return []
     meta = gateway["metadata"]
@@ -154,15 +217,12 @@ def waypoint_objects(gateway: Obj, command: Sequence[str] = DEFAULT_COMMAND) -> 
         # Never captured by ztunnel: the waypoint speaks HBONE itself.
         LABEL_DATAPLANE_MODE: "none",
     }
-    env: list[Obj] = [{"name": "GATEWAY_NAME", "value": name}]
-    env += [{"name": var, "valueFrom": {"fieldRef": {"fieldPath": path}}} for var, path in (
-        ("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"), ("POD_IP", "status.podIP"),
-        ("SERVICE_ACCOUNT", "spec.serviceAccountName"), ("NODE_NAME", "spec.nodeName"))]
     container = {
         "name": CONTAINER_NAME,
-        "image": "ambient-py",  # not run by the local cluster; the image of deploy/Dockerfile on a real one
-        "command": list(command),
-        "env": env,
+        "image": template.image,  # not run by the local cluster, which runs `command` on the host
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(template.command),
+        "env": _pod_env(name, template),
         "ports": [
             {"name": "mesh", "containerPort": HBONE_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
@@ -173,6 +233,14 @@ def waypoint_objects(gateway: Obj, command: Sequence[str] = DEFAULT_COMMAND) -> 
             "initialDelaySeconds": 0, "periodSeconds": READINESS_PERIOD, "timeoutSeconds": 1,
             "successThreshold": 1, "failureThreshold": READINESS_FAILURES,
         },
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": ROOT_CERT_VOLUME, "mountPath": ROOT_CERT_DIR, "readOnly": True},
+        ],
+        # Istio's waypoint: every port is above 1024 and nothing is written, so no privilege at all.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": PROXY_UID, "runAsGroup": PROXY_UID,
+                            "allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
     }
     service_account = {"apiVersion": "v1", "kind": "ServiceAccount",
                        "metadata": {**copy.deepcopy(owned_meta), "labels": {**infra, **fixed}}}
@@ -187,7 +255,7 @@ def waypoint_objects(gateway: Obj, command: Sequence[str] = DEFAULT_COMMAND) -> 
                 "metadata": {"labels": pod_labels, "annotations": {
                     "prometheus.io/path": "/stats/prometheus", "prometheus.io/port": str(METRICS_PORT),
                     "prometheus.io/scrape": "true"}},
-                "spec": {"serviceAccountName": name, "containers": [container]},
+                "spec": {"serviceAccountName": name, "containers": [container], "volumes": _pod_volumes()},
             },
         },
     }
@@ -369,28 +437,68 @@ def ours(obj: Obj, name: str) -> bool:
                for r in obj["metadata"].get("ownerReferences") or [])
 
 
+# -- RBAC for the waypoints' own reads ------------------------------------------------------------
+def waypoint_subjects(gateways: Iterable[Obj]) -> list[Obj]:
+    """The ServiceAccounts of the accepted waypoint Gateways (each runs as the account named after it),
+    sorted by namespace and name, each once: the subjects of the waypoints' ClusterRoleBinding."""
+    accounts = {(g["metadata"]["namespace"], g["metadata"]["name"]) for g in gateways if accepted(g)}
+    return [{"kind": "ServiceAccount", "name": name, "namespace": namespace}
+            for namespace, name in sorted(accounts)]
+
+
+def cluster_role_binding(role: str, subjects: list[Obj]) -> Obj:
+    """The binding of ClusterRole `role` (same name) to `subjects`."""
+    return {"apiVersion": RBAC_API_VERSION, "kind": "ClusterRoleBinding",
+            "metadata": {"name": role, "labels": dict(MANAGED_BY)},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": copy.deepcopy(subjects)}
+
+
+def _subject_keys(subjects: Any) -> list[tuple[str, str, str]]:
+    return [(str(s.get("kind", "")), str(s.get("namespace", "")), str(s.get("name", "")))
+            for s in subjects or [] if isinstance(s, dict)]
+
+
+def binding_subjects_patch(current: Obj, desired: Obj) -> Obj | None:
+    """A merge patch replacing the subjects (a list: replaced whole), or None when they already match."""
+    if _subject_keys(current.get("subjects")) == _subject_keys(desired["subjects"]):
+        return None
+    return {"subjects": copy.deepcopy(desired["subjects"])}
+
+
+def same_role(current: Obj, desired: Obj) -> bool:
+    """`roleRef` is immutable: a binding pointing elsewhere has to be re-created, not patched."""
+    have, want = current.get("roleRef") or {}, desired["roleRef"]
+    return bool(have.get("kind") == want["kind"] and have.get("name") == want["name"])
+
+
 # -- the controller --------------------------------------------------------------------------------
 class WaypointController:
     """Watches Gateways and the objects they own; one reconcile per changed Gateway (debounced), retried
-    with capped backoff when a write fails. Run it with `await controller.run()` (cancel to stop)."""
+    with capped backoff when a write fails. With `cluster_role`, also keeps the ClusterRoleBinding of that
+    name in line with the accepted Gateways (recomputed from all of them after any Gateway changes). Run it
+    with `await controller.run()` (cancel to stop)."""
 
-    def __init__(self, client: KubeClient, command: Sequence[str] = DEFAULT_COMMAND, *,
-                 namespace: str | None = None, domain_suffix: str = DOMAIN_SUFFIX) -> None:
+    def __init__(self, client: KubeClient, template: WaypointTemplate = WaypointTemplate(), *,
+                 namespace: str | None = None, domain_suffix: str = DOMAIN_SUFFIX, cluster_role: str = "") -> None:
         self.client = client
-        self.command = tuple(command)
+        self.template = template
         self.domain_suffix = domain_suffix
+        self.cluster_role = cluster_role
         self.gateways = Informer(client, GATEWAY, namespace=namespace, handler=self._gateway_changed)
         # Only objects that carry the gateway-name label: never a cluster's worth of pods.
         self.owned = {rt.plural: Informer(client, rt, namespace=namespace, label_selector=LABEL_GATEWAY_NAME,
                                           handler=self._owned_changed)
                       for rt in (*OWNED_TYPES, POD)}
-        self._queue: dict[Key, None] = {}  # insertion-ordered set
-        self._wake = asyncio.Event()
-        self._failures: dict[Key, int] = {}
+        self.queue: WorkQueue[Key] = WorkQueue("waypoint", self._reconcile_key, log, describe="/".join)
+        self.binding_queue: WorkQueue[str] = WorkQueue("waypoint ClusterRoleBinding", self.sync_binding, log)
+        # Only our binding (the field selector also lets RBAC scope the watch to it by resourceNames).
+        self.binding = Informer(client, CLUSTER_ROLE_BINDING, field_selector=f"metadata.name={cluster_role}",
+                                handler=self._binding_changed) if cluster_role else None
 
     @property
     def informers(self) -> list[Informer]:
-        return [self.gateways, *self.owned.values()]
+        return [self.gateways, *self.owned.values(), *([self.binding] if self.binding else [])]
 
     async def wait_synced(self) -> None:
         for informer in self.informers:
@@ -403,16 +511,17 @@ class WaypointController:
             tg.create_task(self._work(), name="waypoints-reconcile")
 
     # -- events → queue ----------------------------------------------------------------------------
-    def _enqueue(self, key: Key) -> None:
-        self._queue[key] = None
-        self._wake.set()
-
     def _gateway_changed(self, event: str, gateway: Obj) -> None:
-        self._enqueue((gateway["metadata"].get("namespace", ""), gateway["metadata"]["name"]))
+        self.queue.add((gateway["metadata"].get("namespace", ""), gateway["metadata"]["name"]))
+        if self.cluster_role:
+            self.binding_queue.add(self.cluster_role)
 
     def _owned_changed(self, event: str, obj: Obj) -> None:
         for key in gateway_keys(obj):
-            self._enqueue(key)
+            self.queue.add(key)
+
+    def _binding_changed(self, event: str, obj: Obj) -> None:
+        self.binding_queue.add(self.cluster_role)
 
     async def _work(self) -> None:
         await self.wait_synced()
@@ -422,26 +531,41 @@ class WaypointController:
         for informer in self.owned.values():
             for obj in informer.items():
                 self._owned_changed("SYNC", obj)
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(DEBOUNCE)
-            self._wake.clear()
-            keys, self._queue = list(self._queue), {}
-            for key in keys:
-                try:
-                    await self.reconcile(*key)
-                    self._failures.pop(key, None)
-                except Exception as exc:
-                    self._retry_later(key, exc)
+        if self.cluster_role:
+            self.binding_queue.add(self.cluster_role)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.queue.run(), name="waypoints-queue")
+            tg.create_task(self.binding_queue.run(), name="waypoints-binding-queue")
 
-    def _retry_later(self, key: Key, exc: Exception) -> None:
-        failures = self._failures[key] = self._failures.get(key, 0) + 1
-        delay = min(RETRY_MIN * 2 ** (failures - 1), RETRY_MAX)
-        if isinstance(exc, ApiError):
-            log.warning("waypoint %s/%s: %s (%s); retrying in %.1fs", *key, exc, exc.reason, delay)
-        else:
-            log.exception("waypoint %s/%s: reconcile failed; retrying in %.1fs", *key, delay, exc_info=exc)
-        asyncio.get_running_loop().call_later(delay, self._enqueue, key)
+    async def _reconcile_key(self, key: Key) -> None:
+        await self.reconcile(*key)
+
+    # -- the ClusterRoleBinding --------------------------------------------------------------------
+    async def sync_binding(self, role: str) -> None:
+        desired = cluster_role_binding(role, waypoint_subjects(self.gateways.items()))
+        current = self.binding.get(role) if self.binding is not None else None
+        if current is not None and not same_role(current, desired):
+            log.warning("ClusterRoleBinding %s binds %s %s, not ClusterRole %s; re-creating it", role,
+                        (current.get("roleRef") or {}).get("kind"), (current.get("roleRef") or {}).get("name"), role)
+            try:
+                await self.client.delete(CLUSTER_ROLE_BINDING, role)
+            except ApiError as exc:
+                if exc.code != 404:
+                    raise
+            current = None
+        if current is None:
+            try:
+                await self.client.create(desired)
+            except ApiError as exc:
+                if exc.code != 409:  # our cache has not seen it yet; its watch event brings another pass
+                    raise
+                return
+            log.info("ClusterRoleBinding %s: created for %d waypoint ServiceAccount(s)", role, len(desired["subjects"]))
+            return
+        patch = binding_subjects_patch(current, desired)
+        if patch is not None:
+            await self.client.patch(CLUSTER_ROLE_BINDING, role, patch)
+            log.info("ClusterRoleBinding %s: now %d waypoint ServiceAccount(s)", role, len(desired["subjects"]))
 
     # -- one Gateway -------------------------------------------------------------------------------
     def _current(self, rt: ResourceType, namespace: str, name: str) -> Obj | None:
@@ -451,7 +575,7 @@ class WaypointController:
         gateway = self.gateways.get(name, namespace)
         live = gateway if gateway and is_waypoint(gateway) and not gateway["metadata"].get("deletionTimestamp") \
             else None
-        desired = {obj["kind"]: obj for obj in (waypoint_objects(live, self.command) if live else [])}
+        desired = {obj["kind"]: obj for obj in (waypoint_objects(live, self.template) if live else [])}
         for rt in OWNED_TYPES:
             current = self._current(rt, namespace, name)
             want = desired.get(rt.kind)

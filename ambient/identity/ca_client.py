@@ -4,8 +4,9 @@ response checked before it is used (PROTOCOLS.md §5).
 Every call carries `authorization: Bearer <token>` and `clusterid: <cluster>`; the token is read again for
 each request because projected service-account tokens rotate. A node proxy (ztunnel) sets `impersonate`
 so that each request names the pod identity in `metadata.ImpersonatedIdentity`. TLS to the CA (port
-15012) trusts only the given root and checks the name `istiod.istio-system.svc`, whatever address is
-dialled; plaintext is for tests. grpc errors are wrapped into `CaError` here and nowhere else.
+15012) trusts only the given root and checks `server_name` (`istiod.<system namespace>.svc`, see
+`ambient.identity.istiod`), whatever address is dialled; plaintext is for tests. grpc errors are wrapped
+into `CaError` here and nowhere else.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Where the CA material comes from, in the order the control plane tries them:
   the chain must reach a self-signed root, which ends every chain we hand out;
 - a directory in Istio's `cacerts` layout (`ca-cert.pem`, `ca-key.pem`, optional `cert-chain.pem`,
   `root-cert.pem`), created with a fresh self-signed root the first time and reused after;
-- on Kubernetes, the Secret `istio-system/cacerts` (plugged-in CA) or else `istio-system/istio-ca-secret`,
-  created once with a self-signed root, as istiod does.
+- on Kubernetes, the Secret `cacerts` (plugged-in CA) or else `istio-ca-secret` in the control plane's
+  system namespace (`istio-system` unless configured), created once with a self-signed root, as istiod does.
 
 Leaf certificates (PROTOCOLS.md §5, §6): empty subject, one critical URI SAN (the SPIFFE id),
 `digitalSignature|keyEncipherment`, EKU serverAuth+clientAuth, not a CA, lifetime 24 h unless the request
@@ -36,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ambient.identity.certs import check_chain, load_certs, split_pem_certs
 from ambient.identity.errors import CaMaterialError, InvalidCertificate, SigningError
+from ambient.identity.istiod import SYSTEM_NAMESPACE, dns_name
 from ambient.identity.keys import generate_key, private_key_pem
 from ambient.identity.spiffe import SpiffeId
 from ambient.kube.errors import ApiError
@@ -50,12 +51,12 @@ MAX_CERT_TTL = 90 * 24 * 3600  # seconds; Istio's MAX_WORKLOAD_CERT_TTL
 ROOT_TTL = 10 * 365 * 24 * 3600  # seconds; Istio's self-signed root lives ten years
 SERVING_CERT_TTL = 365 * 24 * 3600  # seconds; the control plane re-issues its serving cert at every start
 ROOT_BACKDATE = 300  # seconds; a new root is valid slightly in the past so skewed clocks accept it at once
-ISTIOD_DNS_NAMES = ("istiod.istio-system.svc",)  # the name ztunnel verifies when it dials 15012
+ISTIOD_DNS_NAMES = (dns_name(),)  # the name ztunnel verifies when it dials 15012 (default system namespace)
 
 # Istio's `cacerts` layout, shared by the state directory and the Kubernetes Secrets.
 CA_CERT_FILE, CA_KEY_FILE = "ca-cert.pem", "ca-key.pem"
 CERT_CHAIN_FILE, ROOT_CERT_FILE = "cert-chain.pem", "root-cert.pem"
-CA_NAMESPACE = "istio-system"
+CA_NAMESPACE = SYSTEM_NAMESPACE  # default; the control plane passes its --system-namespace
 PLUGGED_SECRET, SELF_SIGNED_SECRET = "cacerts", "istio-ca-secret"
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -275,8 +276,8 @@ class CaSigner:
 
     def issue_serving_certificate(self, ips: Iterable[str] = (), dns_names: Iterable[str] = ISTIOD_DNS_NAMES,
                                   ttl: int = SERVING_CERT_TTL) -> ServingCertificate:
-        """The control plane's TLS certificate for 15012: SAN DNS `istiod.istio-system.svc` (what ztunnel
-        verifies) plus the given host IPs, signed by this CA so that the mesh root is all clients need."""
+        """The control plane's TLS certificate for 15012: SAN DNS `istiod.<system namespace>.svc` (what
+        ztunnel verifies) plus the given host IPs, signed by this CA so that the mesh root is all clients need."""
         names = list(dns_names)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
         try:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from ambient.control.waypoints import GATEWAY, WaypointController
+from ambient.control.waypoints import GATEWAY, WaypointController, WaypointTemplate
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.errors import ApiError
 from ambient.kube.resources import ResourceTable
@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 TOKEN, NS = "test-token", "shop"
 WAIT = 5.0  # seconds any one expectation may take
-STAND_IN = ["python3", "-m", "http.server", "15021"]  # only written into the pod spec: no kubelet runs it here
+STAND_IN = ("python3", "-m", "http.server", "15021")  # only written into the pod spec: no kubelet runs it here
 TYPES = ResourceTable()
 SA, DEPLOYMENT, SERVICE, POD = (TYPES.require(n) for n in ("serviceaccounts", "deployments.apps", "services", "pods"))
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
@@ -47,8 +47,9 @@ async def client() -> AsyncIterator[KubeClient]:
     async with kube_fixtures.local_apiserver(TOKEN) as url, KubeClient(KubeConfig(url, token=TOKEN)) as kube:
         try:
             await kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+            controller = WaypointController(kube, WaypointTemplate(command=STAND_IN))
             tasks = [asyncio.create_task(Controllers(kube).run(), name="local-controllers"),
-                     asyncio.create_task(WaypointController(kube, STAND_IN).run(), name="waypoints")]
+                     asyncio.create_task(controller.run(), name="waypoints")]
             yield kube
             for task in tasks:
                 assert not task.done(), task.exception()
@@ -93,7 +94,7 @@ async def test_waypoint_lifecycle(client: KubeClient) -> None:
     assert svc["metadata"]["labels"]["istio.io/waypoint-for"] == "service"
     assert svc["spec"]["selector"] == {GATEWAY_NAME_LABEL: "waypoint"}
     assert {(p["name"], p["port"]) for p in svc["spec"]["ports"]} >= {("mesh", 15008)}
-    assert deploy["spec"]["template"]["spec"]["containers"][0]["command"] == STAND_IN
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["command"] == list(STAND_IN)
 
     # The local controllers make the pod; until it is Ready the Gateway has no address.
     [pod] = await eventually(lambda: waypoint_pods(client, "waypoint"), "the waypoint pod")

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from cni.installer import KUBECONFIG_NAME, PLUGIN_TYPE, VERSIONS_DIR, Installer, InstallError, tree_hash
+from cni.installer import (
+    KUBECONFIG_NAME,
+    LEGACY_KUBECONFIG_NAME,
+    PLUGIN_TYPE,
+    VERSIONS_DIR,
+    CopiedKubeconfig,
+    Installer,
+    InstallError,
+    PluginKubeconfig,
+    tree_hash,
+)
 
 ENTRY = {"cni_agent_run_dir": "/var/run/istio-cni", "ambient_enabled": True}
 
@@ -28,8 +38,11 @@ def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def installer(dirs: tuple[Path, Path, Path], kubeconfig: Path | None = None) -> Installer:
+    """With `kubeconfig`: copied to `<run dir>/istio-cni-kubeconfig`, the run dir beside the conf dir."""
     conf, bin_dir, plugin = dirs
-    return Installer(conf, bin_dir, plugin, ENTRY, kubeconfig)
+    target = PluginKubeconfig(conf.parent / "run" / KUBECONFIG_NAME, CopiedKubeconfig(kubeconfig)) if kubeconfig \
+        else None
+    return Installer(conf, bin_dir, plugin, ENTRY, target)
 
 
 def write(path: Path, doc: dict[str, object]) -> None:
@@ -89,10 +102,19 @@ def test_kubeconfig_is_written_and_referenced(dirs: tuple[Path, Path, Path], tmp
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text("apiVersion: v1\n")
     write(conf / "10-net.conflist", {"cniVersion": "1.0.0", "name": "net", "plugins": [{"type": "bridge"}]})
-    installer(dirs, kubeconfig).install()
+    inst = installer(dirs, kubeconfig)
+    inst.install()
     entry = json.loads((conf / "10-net.conflist").read_text())["plugins"][-1]
-    assert entry["kubernetes"]["kubeconfig"] == str(conf / KUBECONFIG_NAME)
-    assert (conf / KUBECONFIG_NAME).read_text() == "apiVersion: v1\n"
+    written = tmp_path / "run" / KUBECONFIG_NAME
+    assert entry["kubernetes"]["kubeconfig"] == str(written)
+    assert written.read_text() == "apiVersion: v1\n"
+    assert written.stat().st_mode & 0o777 == 0o600, "it holds a token"
+    assert not (conf / KUBECONFIG_NAME).exists(), "not in the conf dir other CNIs and the runtime watch"
+    assert inst.installed()
+    kubeconfig.write_text("apiVersion: v1\n# changed\n")
+    assert not inst.installed(), "a changed source is noticed by the agent's poll"
+    assert inst.ensure() and written.read_text().endswith("# changed\n")
+    assert not inst.ensure()
 
 
 def test_uninstall_removes_everything_it_added(dirs: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -102,19 +124,28 @@ def test_uninstall_removes_everything_it_added(dirs: tuple[Path, Path, Path], tm
     write(conf / "10-net.conflist", {"cniVersion": "1.0.0", "name": "net", "plugins": [{"type": "bridge"}]})
     inst = installer(dirs, kubeconfig)
     inst.install()
+    (conf / LEGACY_KUBECONFIG_NAME).write_text("left by an older install")
     inst.uninstall()
     assert json.loads((conf / "10-net.conflist").read_text())["plugins"] == [{"type": "bridge"}]
-    assert not (bin_dir / PLUGIN_TYPE).exists() and not (conf / KUBECONFIG_NAME).exists()
+    assert not (bin_dir / PLUGIN_TYPE).exists() and not (tmp_path / "run" / KUBECONFIG_NAME).exists()
+    assert not (conf / LEGACY_KUBECONFIG_NAME).exists()
     inst.uninstall()  # idempotent
 
 
 def test_no_primary_config_or_garbage_is_an_actionable_error(dirs: tuple[Path, Path, Path]) -> None:
-    conf, _, _ = dirs
-    with pytest.raises(InstallError, match="primary CNI must be installed first"):
+    conf, bin_dir, _ = dirs
+    with pytest.raises(InstallError, match="primary CNI must be installed first") as waiting:
         installer(dirs).install()
-    (conf / "10-net.conflist").write_text("{not json")
-    with pytest.raises(InstallError, match=r"10-net\.conflist"):
-        installer(dirs).install()
+    assert waiting.value.reason == "no_primary_config", "the agent waits on this reason"
+    assert not bin_dir.exists(), "nothing is installed before the primary config exists"
+    for garbage in ("{not json", "[1, 2]", '{"plugins": {"type": "bridge"}}', '{"plugins": ["bridge"]}'):
+        (conf / "10-net.conflist").write_text(garbage)
+        with pytest.raises(InstallError, match=r"10-net\.conflist") as bad:
+            installer(dirs).install()
+        assert bad.value.reason == "bad_primary_config"
+        assert not installer(dirs).installed()
+        installer(dirs).uninstall()  # leaves what it cannot parse alone, without failing
+        assert (conf / "10-net.conflist").read_text() == garbage
 
 
 # -- the plugin as a bundle directory (what the image ships) ------------------------------------------
@@ -255,6 +286,9 @@ def test_an_unusable_source_is_an_actionable_error(net: tuple[Path, Path], tmp_p
     if source == "empty-dir":
         path.mkdir()
     inst = bundle_installer(net, path)
+    with pytest.raises(InstallError, match=r"pass --plugin-source|python -m cni\.plugin_bundle") as bad:
+        inst.check_source()
+    assert bad.value.reason == "bad_plugin_source", "fatal at agent start, not retried"
     with pytest.raises(InstallError, match=r"pass --plugin-source|python -m cni\.plugin_bundle"):
         inst.install()
     with pytest.raises(InstallError, match=re.escape(str(path))):

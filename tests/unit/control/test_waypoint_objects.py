@@ -11,6 +11,7 @@ import pytest
 from ambient.control.waypoints import (
     DEFAULT_COMMAND,
     LISTENER_MESSAGE,
+    WaypointTemplate,
     gateway_keys,
     gateway_status,
     listener_problem,
@@ -105,8 +106,48 @@ def test_a_waypoint_gateway_deploys_account_deployment_and_service_named_after_i
 
 def test_the_command_is_configurable_for_stand_ins() -> None:
     stand_in = ["python3", "-m", "http.server", "15021"]
-    deploy = by_kind(waypoint_objects(gateway(), stand_in))["Deployment"]
+    deploy = by_kind(waypoint_objects(gateway(), WaypointTemplate(command=tuple(stand_in))))["Deployment"]
     assert deploy["spec"]["template"]["spec"]["containers"][0]["command"] == stand_in
+
+
+def test_a_real_cluster_pod_gets_the_image_the_ca_token_the_mesh_root_and_the_control_plane_address() -> None:
+    template = WaypointTemplate(image="registry.example/ambient-py:1.2", control_address="istiod.mesh.svc:15012",
+                                cluster_id="east", trust_domain="corp.example", root_namespace="mesh")
+    pod_spec = by_kind(waypoint_objects(gateway(), template))["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod_spec["containers"]
+    assert container["image"] == "registry.example/ambient-py:1.2"
+    assert container["command"] == list(DEFAULT_COMMAND)  # the waypoint's flags, filled in by the kubelet
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CA_ADDRESS"] == env["XDS_ADDRESS"] == "istiod.mesh.svc:15012"
+    assert (env["CLUSTER_ID"], env["TRUST_DOMAIN"], env["ROOT_NAMESPACE"]) == ("east", "corp.example", "mesh")
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    assert volumes["istio-token"] == {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+        "audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token"}}]}}
+    assert volumes["istiod-ca-cert"] == {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"istio-token": "/var/run/secrets/tokens", "istiod-ca-cert": "/var/run/secrets/istio"}
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_the_default_template_names_istiod_in_istio_system_and_our_image() -> None:
+    [container] = by_kind(waypoint_objects(gateway()))["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CA_ADDRESS"] == env["XDS_ADDRESS"] == "istiod.istio-system.svc:15012"
+    assert container["image"] == "ambient-py:0.1.0"
+
+
+def test_a_waypoint_deployed_before_the_volumes_existed_is_patched_to_have_them() -> None:
+    old = by_kind(waypoint_objects(gateway()))["Deployment"]
+    current = as_stored(old)
+    pod_spec = current["spec"]["template"]["spec"]
+    del pod_spec["volumes"]
+    del pod_spec["containers"][0]["volumeMounts"]
+    pod_spec["containers"][0]["image"] = "ambient-py"
+    assert not up_to_date(current, old)
+    patched = merge_patch(current, update_patch(current, old))
+    assert up_to_date(patched, old)
+    assert [v["name"] for v in patched["spec"]["template"]["spec"]["volumes"]] == ["istio-token", "istiod-ca-cert"]
 
 
 def test_infrastructure_labels_replace_gateway_labels_but_never_the_waypoints_own() -> None:
