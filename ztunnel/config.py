@@ -4,16 +4,17 @@ Istio's ztunnel uses (where they exist), every default a named constant with its
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ambient.identity import istiod
+from ambient.identity.istiod import default_server_name, istio_address
+
 ZDS_SOCKET = "/var/run/ztunnel/ztunnel.sock"  # PROTOCOLS §4
-CA_ADDRESS = "istiod.istio-system.svc:15012"  # istiod's port (PROTOCOLS §1)
-XDS_ADDRESS = "istiod.istio-system.svc:15012"
-CONTROL_SERVER_NAME = "istiod.istio-system.svc"  # the SAN ztunnel verifies on 15012
+CA_ADDRESS = XDS_ADDRESS = istiod.address()  # istiod.istio-system.svc:15012 (PROTOCOLS §1)
+CONTROL_SERVER_NAME = istiod.CONTROL_SERVER_NAME  # the SAN ztunnel verifies on 15012 when dialling an IP
 TOKEN_PATH = "/var/run/secrets/tokens/istio-token"
 ROOT_CERT = "/var/run/secrets/istio/root-cert.pem"
 CLUSTER_ID = "Kubernetes"
@@ -24,7 +25,7 @@ READINESS_PORT = 15021
 OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_PORT, DNS_PORT = 15001, 15006, 15008, 15053
 WORKLOAD_WAIT = 5.0  # seconds to wait for a new pod's workload to arrive over xDS (as ztunnel)
 DRAIN_DEADLINE = 5.0  # seconds open connections get after SIGTERM (or their pod's removal) before they close
-SYSTEM_NAMESPACE = "istio-system"
+SYSTEM_NAMESPACE = istiod.SYSTEM_NAMESPACE
 CONNECT_TIMEOUT = 10.0  # seconds for outbound TCP/HBONE connects
 
 
@@ -52,27 +53,6 @@ class ZtunnelConfig:
     pod_name: str = "ztunnel"
     pod_namespace: str = SYSTEM_NAMESPACE
     drain_deadline: float = DRAIN_DEADLINE
-
-
-def _istio_address(value: str) -> str:
-    """Istio's ztunnel takes `XDS_ADDRESS`/`CA_ADDRESS` as URIs (`https://host:port`, scheme optional);
-    gRPC here dials `host:port`."""
-    return value.removeprefix("https://").rstrip("/")
-
-
-def _default_server_name(env: Mapping[str, str], xds_address: str) -> str:
-    """The name the control plane's certificate must carry: Istio's `ALT_XDS_HOSTNAME`, else the host of
-    the xDS address when it is a DNS name (as Istio's ztunnel verifies, e.g. `istiod-canary.istio-system.svc`
-    for a revision), else `istiod.istio-system.svc` (an IP address: the name istiod's certificate carries)."""
-    named = env.get("XDS_SERVER_NAME") or env.get("ALT_XDS_HOSTNAME")
-    if named:
-        return named
-    host = _istio_address(xds_address).rpartition(":")[0].strip("[]")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return host if host and host != "localhost" else CONTROL_SERVER_NAME
-    return CONTROL_SERVER_NAME
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -141,9 +121,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ZtunnelConfig, str]:
     # Istio's ISTIO_META_DNS_CAPTURE: the DNS proxy runs unless it is "false".
     dns_capture = env.get("ISTIO_META_DNS_CAPTURE", "true").lower() != "false"
     return ZtunnelConfig(
-        node_name=a.node_name, node_ip=a.node_ip, xds_address=_istio_address(a.xds_address),
-        ca_address=_istio_address(a.ca_address),
-        server_name=a.server_name or _default_server_name(env, a.xds_address), dns_capture=dns_capture,
+        node_name=a.node_name, node_ip=a.node_ip, xds_address=istio_address(a.xds_address),
+        ca_address=istio_address(a.ca_address),
+        server_name=a.server_name or default_server_name(env, a.xds_address), dns_capture=dns_capture,
         root_cert=a.root_cert, token_path=a.token_path, cluster_id=a.cluster_id,
         trust_domain=a.trust_domain, zds_socket=a.zds_socket, admin_address=(host, int(port)),
         metrics_address=(a.listen_ip, METRICS_PORT), readiness_address=(a.listen_ip, READINESS_PORT),
