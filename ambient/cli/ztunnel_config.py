@@ -1,88 +1,146 @@
-"""`ambientctl ztunnel-config workloads|services|policies|certificates|connections|all`: what a node's
-ztunnel knows, read from its admin port (`GET http://<node IP>:15000/config_dump`, PROTOCOLS.md §10) and
-printed with the columns of `istioctl ztunnel-config`, or as JSON with `-o json`.
+"""`ambientctl ztunnel-config workloads|services|policies|certificates|connections|all [ZTUNNEL-POD]`: what
+a ztunnel knows, read from its admin port (`GET /config_dump` on 15000, PROTOCOLS.md §10) and printed with
+the columns of `istioctl ztunnel-config`, or as JSON with `-o json`.
 
-Local cluster only: node-N's ztunnel serves its admin port on the node's IP (172.30.0.(10+N)), which the
-host can reach. `--node all` asks every node of the running cluster. Wire it into the CLI with
-`register(cli)`.
+The dump is read through the API server, as a Kubernetes tool must: the ztunnel pods are found by the
+DaemonSet's label (`app=ztunnel`, in `--istio-namespace`), the one on `--node` by field selector, and the
+dump is fetched with the pods/proxy subresource
+(`/api/v1/namespaces/<ns>/pods/<pod>:15000/proxy/config_dump`). So the same command works on the local
+cluster (whose per-node ztunnel processes have mirror pods, ambient/local/supervisor.py) and on any
+cluster given with `--kubeconfig`, where ztunnel's admin port must listen on the pod IP for the API server
+to reach it. As istioctl: at most one of a pod name, `--node` or `--file`; with none, any ztunnel, except
+for certificates and connections, which differ per ztunnel and so need one named. `--node all` asks every
+ztunnel. Wire it into the CLI with `register(cli)`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
-import re
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import click
 
-from ambient.local.network import MAX_NODES, NodeNet
+from ambient.cli.errors import CliError
+from ambient.kube.client import KubeClient
+from ambient.kube.errors import ApiError
+from ambient.kube.resources import ResourceTable
 
 ADMIN_PORT = 15000  # PROTOCOLS.md §1
-FETCH_TIMEOUT = 5.0  # seconds; the admin port answers from memory, so a slow answer means something is wrong
+ISTIO_NAMESPACE = "istio-system"  # istioctl's --istio-namespace default
+ZTUNNEL_LABEL = "app=ztunnel"  # the ztunnel DaemonSet's pods (deploy/ztunnel.yaml), and the local cluster's mirror pods
 KINDS = ("workloads", "services", "policies", "certificates", "connections", "all")
+PER_ZTUNNEL_KINDS = ("certificates", "connections")  # istioctl will not pick a ztunnel for these
+POD = ResourceTable().require("pods")
 
 Json = dict[str, Any]
+T = TypeVar("T")
 
 
-class ZtunnelConfigError(click.ClickException):
+class ZtunnelConfigError(CliError):
     """Printed as `error: ...`, exit 1 (as ambientctl's other errors)."""
 
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+
+class Cluster(Protocol):
+    """ambientctl's root context: runs a coroutine with a client for the cluster chosen by `--kubeconfig`."""
+
+    def run(self, fn: Callable[[KubeClient], Awaitable[T]]) -> T: ...
 
 
 # -- where the dumps come from --------------------------------------------------------------------------
-def admin_address(node: str) -> tuple[str, int]:
-    """node-N → (its node IP, 15000)."""
-    match = re.fullmatch(r"node-(\d+)", node)
-    if match is None or not 1 <= int(match[1]) <= MAX_NODES:
-        raise ZtunnelConfigError(f"unknown node {node!r}: name a local cluster node (node-1, node-2, ...) or 'all'")
-    return NodeNet(int(match[1])).ip, ADMIN_PORT
+@dataclass(frozen=True)
+class Ztunnel:
+    pod: str
+    namespace: str
+    node: str
+
+    @property
+    def name(self) -> str:
+        """`<pod>.<namespace>`, as istioctl names a ztunnel."""
+        return f"{self.pod}.{self.namespace}"
+
+    @classmethod
+    def of(cls, pod: Json) -> Ztunnel:
+        meta = pod["metadata"]
+        return cls(meta["name"], meta["namespace"], str((pod.get("spec") or {}).get("nodeName") or ""))
 
 
-def cluster_nodes() -> list[str]:
-    """The nodes of the running local cluster, from its state dir (honouring ambientctl's --state-dir)."""
-    from ambient.local.layout import DEFAULT_STATE_DIR, StateDir
+def _ready(pod: Json) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
-    context = click.get_current_context(silent=True)
-    state = getattr(context.find_root().obj, "state", None) if context else None
-    if not isinstance(state, StateDir):
-        from ambient.local.cluster import current_state_dir
 
-        state = StateDir(current_state_dir() or DEFAULT_STATE_DIR)
+async def find_ztunnels(client: KubeClient, kind: str, pod: str | None, node: str | None,
+                        istio_namespace: str) -> list[Ztunnel]:
+    """The ztunnel(s) to ask: the named pod (`[pod/]name[.namespace]`), the one on `node`, all of them
+    (`node` "all"), or any (Ready ones first)."""
+    if pod:
+        name, _, namespace = pod.removeprefix("pods/").removeprefix("pod/").partition(".")
+        namespace = namespace or istio_namespace
+        try:
+            found = await client.get(POD, name, namespace)
+        except ApiError as exc:
+            raise ZtunnelConfigError(f"cannot find ztunnel pod {name}.{namespace}: {exc.message}") from None
+        if (found["metadata"].get("labels") or {}).get("app") != "ztunnel":
+            raise ZtunnelConfigError(f"ztunnel-config is only supported by Ztunnel proxies: {name}.{namespace} has "
+                                     f"no label {ZTUNNEL_LABEL}")
+        return [Ztunnel.of(found)]
+    on_node = f"spec.nodeName={node}" if node and node != "all" else None
     try:
-        config = json.loads(Path(state.config).read_text())
-        return [NodeNet(int(i)).name for i in config["nodes"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ZtunnelConfigError(f"no local cluster found in {state.root}: start one with `ambientctl up`, "
-                                 "or name a node with --node node-N") from None
+        pods = (await client.list(POD, istio_namespace, ZTUNNEL_LABEL, on_node))["items"]
+    except ApiError as exc:
+        raise ZtunnelConfigError(f"cannot list ztunnel pods in namespace {istio_namespace}: {exc.message}") from None
+    if not pods:
+        where = f"on node {node}" if on_node else "at all"
+        raise ZtunnelConfigError(f"no ztunnel pod {where} (pods labelled {ZTUNNEL_LABEL} in namespace "
+                                 f"{istio_namespace}; another namespace is chosen with --istio-namespace)")
+    ztunnels = [Ztunnel.of(p) for p in sorted(pods, key=lambda p: (not _ready(p), p["metadata"]["name"]))]
+    if node == "all":
+        return sorted(ztunnels, key=lambda z: (z.node, z.pod))
+    if node is None and kind in PER_ZTUNNEL_KINDS and len(ztunnels) > 1:
+        raise ZtunnelConfigError(f"ztunnel pod name or --node must be set: {kind} differ per ztunnel "
+                                 f"({', '.join(z.pod for z in ztunnels)})")
+    return ztunnels[:1]
 
 
-def fetch_dump(node: str) -> Json:
-    host, port = admin_address(node)
-    url = f"http://{host}:{port}/config_dump"
+def proxy_path(ztunnel: Ztunnel, port: int = ADMIN_PORT) -> str:
+    """The API server path that reaches the ztunnel's config dump (pods/proxy)."""
+    return POD.path(ztunnel.namespace, f"{ztunnel.pod}:{port}", "proxy") + "/config_dump"
+
+
+async def fetch_dump(client: KubeClient, ztunnel: Ztunnel) -> Json:
     try:
-        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT) as response:
-            body = response.read()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace").strip()
-        raise ZtunnelConfigError(f"ztunnel on {node} answered {exc.code} for {url}: {detail}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ZtunnelConfigError(f"cannot reach ztunnel on {node} at {url}: {reason}; is the local cluster up "
-                                 f"(`ambientctl status`) and ztunnel running on {node}?") from None
+        body = await client.raw("GET", proxy_path(ztunnel))
+    except ApiError as exc:
+        hint = f"; is ztunnel running on {ztunnel.node or 'its node'}, its admin port listening on the pod IP?" \
+            if exc.code == 503 and "error trying to reach service" in exc.message else ""
+        raise ZtunnelConfigError(f"cannot read the config dump of {ztunnel.name} through the API server: "
+                                 f"{exc.message}{hint}") from None
+    return parse_dump(body, f"ztunnel {ztunnel.name}")
+
+
+def parse_dump(body: bytes, source: str) -> Json:
     try:
         dump = json.loads(body)
     except ValueError as exc:
-        raise ZtunnelConfigError(f"ztunnel on {node} sent a config dump that is not JSON: {exc}") from None
+        raise ZtunnelConfigError(f"{source} sent a config dump that is not JSON: {exc}") from None
     if not isinstance(dump, dict):
-        raise ZtunnelConfigError(f"ztunnel on {node} sent a config dump that is not a JSON object")
+        raise ZtunnelConfigError(f"{source} sent a config dump that is not a JSON object")
     return dump
+
+
+def read_dump_file(path: str) -> Json:
+    """`--file`: a dump saved earlier (`-` for stdin), as istioctl's."""
+    try:
+        body = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise ZtunnelConfigError(f"cannot read the config dump file {path}: {exc.strerror}") from None
+    return parse_dump(body, f"the file {path}")
 
 
 # -- tables ---------------------------------------------------------------------------------------------
@@ -261,33 +319,58 @@ def section(dump: Json, kind: str, namespace: str | None) -> Any:
 
 @click.command("ztunnel-config")
 @click.argument("kind", type=click.Choice(KINDS))
-@click.option("--node", default="node-1", show_default=True, help="node whose ztunnel to ask (node-N), or 'all'")
+@click.argument("ztunnel_pod", metavar="[ZTUNNEL-POD[.NAMESPACE]]", required=False)
+@click.option("--node", help="ask the ztunnel on this node, or on every node with 'all'")
+@click.option("-i", "--istio-namespace", default=ISTIO_NAMESPACE, show_default=True,
+              help="namespace of the ztunnel pods")
+@click.option("-f", "--file", "dump_file", help="read a saved config dump (- for stdin) instead of asking a ztunnel")
 @click.option("-n", "--namespace", help="only this namespace (workloads, services, policies, connections)")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--details", is_flag=True, help="connections: one row per connection instead of counts per pod")
-def ztunnel_config(kind: str, node: str, namespace: str | None, output: str, details: bool) -> None:
-    """Show what a node's ztunnel knows: workloads, services, policies, certificates, connections."""
-    nodes = cluster_nodes() if node == "all" else [node]
-    failures: list[str] = []
-    results: dict[str, Any] = {}
-    for i, name in enumerate(nodes):
-        try:
-            dump = fetch_dump(name)
-        except ZtunnelConfigError as exc:
-            if len(nodes) == 1:
-                raise
-            failures.append(exc.message)
-            continue
-        if output == "json":
-            results[name] = section(dump, kind, namespace)
-            continue
-        if len(nodes) > 1:
-            if i:
-                click.echo()
-            click.echo(f"{name} ({admin_address(name)[0]}):")
-        click.echo(summary(dump, kind, namespace, details))
-    if output == "json" and results:
-        click.echo(json.dumps(results if len(nodes) > 1 else results[nodes[0]], indent=4))
+@click.pass_obj
+def ztunnel_config(cluster: Cluster, kind: str, ztunnel_pod: str | None, node: str | None, istio_namespace: str,
+                   dump_file: str | None, namespace: str | None, output: str, details: bool) -> None:
+    """Show what a ztunnel knows: workloads, services, policies, certificates, connections."""
+    if sum(x is not None for x in (ztunnel_pod, node, dump_file)) > 1:
+        raise ZtunnelConfigError("at most one of --file, --node, or pod name must be passed")
+    if dump_file is not None:
+        show(kind, [(None, read_dump_file(dump_file))], [], namespace, output, details)
+        return
+
+    async def go(client: KubeClient) -> tuple[list[tuple[Ztunnel | None, Json]], list[str]]:
+        ztunnels = await find_ztunnels(client, kind, ztunnel_pod, node, istio_namespace)
+
+        async def attempt(ztunnel: Ztunnel) -> Json | ZtunnelConfigError:
+            try:
+                return await fetch_dump(client, ztunnel)
+            except ZtunnelConfigError as exc:
+                if len(ztunnels) == 1:
+                    raise
+                return exc
+
+        results = await asyncio.gather(*(attempt(z) for z in ztunnels))
+        dumps = [(z if node == "all" else None, r) for z, r in zip(ztunnels, results, strict=True)
+                 if isinstance(r, dict)]
+        return dumps, [r.message for r in results if isinstance(r, ZtunnelConfigError)]
+
+    dumps, failures = cluster.run(go)
+    show(kind, dumps, failures, namespace, output, details)
+
+
+def show(kind: str, dumps: list[tuple[Ztunnel | None, Json]], failures: list[str], namespace: str | None,
+         output: str, details: bool) -> None:
+    """One dump as it is; those of several ztunnels (`--node all`) each under its node's name. What could
+    not be read is reported last, as the error."""
+    if output == "json" and dumps:
+        sections = {z.node or z.name if z else "": section(dump, kind, namespace) for z, dump in dumps}
+        click.echo(json.dumps(sections if dumps[0][0] else sections[""], indent=4))
+    elif output != "json":
+        for i, (ztunnel, dump) in enumerate(dumps):
+            if ztunnel:
+                if i:
+                    click.echo()
+                click.echo(f"{ztunnel.node or ztunnel.name} ({ztunnel.name}):")
+            click.echo(summary(dump, kind, namespace, details))
     if failures:
         raise ZtunnelConfigError("; ".join(failures))
 

@@ -9,6 +9,7 @@ for kinds it does not know). Errors are `ApiError`, carrying the server's `Statu
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import ssl
@@ -183,18 +184,30 @@ class KubeClient:
                       content_type: str = "application/json") -> Any:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if data is not None else {}
+        async with self._reaching_server(), self.session.request(
+                method, path, data=data, params=params, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as resp:
+            payload = _payload(await resp.text())
+            if resp.status >= 400:
+                raise ApiError.from_status(resp.status, payload)
+            return payload
+
+    async def raw(self, method: str, path: str) -> bytes:
+        """A request whose answer is not a Kubernetes object, such as a pod's `proxy` subresource
+        (`/api/v1/namespaces/<ns>/pods/<pod>:<port>/proxy/<path>`): the body as sent. Errors are `ApiError`s,
+        from the server's `Status` (or from the proxied answer itself) as for `request`."""
+        async with self._reaching_server(), self.session.request(
+                method, path, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as resp:
+            body = await resp.read()
+            if resp.status >= 400:
+                raise ApiError.from_status(resp.status, _payload(body.decode(errors="replace")))
+            return body
+
+    @contextlib.asynccontextmanager
+    async def _reaching_server(self) -> AsyncIterator[None]:
+        """Transport failures as the `ApiError`s every caller already handles."""
         try:
-            async with self.session.request(method, path, data=data, params=params, headers=headers,
-                                            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as resp:
-                text = await resp.text()
-                payload: Any
-                try:
-                    payload = json.loads(text) if text else {}
-                except json.JSONDecodeError:
-                    payload = text
-                if resp.status >= 400:
-                    raise ApiError.from_status(resp.status, payload)
-                return payload
+            yield
         except aiohttp.ClientConnectionError as exc:
             raise ApiError(503, f"cannot reach the API server at {self.config.server}: {exc}",
                            "ServiceUnavailable") from None
@@ -267,6 +280,14 @@ class KubeClient:
             raise ApiError(503, f"watch of {rt.plural} interrupted: {exc}", "ServiceUnavailable") from None
         except TimeoutError:
             return
+
+
+def _payload(text: str) -> Any:
+    """A response body: JSON if it is JSON, else the text (a proxied answer, a non-Kubernetes error page)."""
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return text
 
 
 def _dry(dry_run: bool) -> dict[str, str] | None:

@@ -4,6 +4,9 @@ Paths, verbs, query parameters, watch framing and `Status` errors follow the Kub
 `ambient.kube.client` (and kubectl) talk to it as to a real cluster. Objects of kinds it does not know
 (Istio and Gateway API custom resources) are stored as given. It does not run controllers: those are
 clients of this server (`ambient.local.controllers`).
+
+`pods/{name}[:port]/proxy/{path}` forwards a request to the pod's IP as kube-apiserver's pod proxy does
+(that is how `ambientctl ztunnel-config` reaches a ztunnel's admin port, here and on a real cluster).
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import ipaddress
 import json
 import logging
+import os
+import socket
 import ssl
 import time
 import uuid
@@ -20,7 +26,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from ambient.kube.errors import ApiError, not_found
 from ambient.kube.events import now_rfc3339
@@ -42,6 +50,14 @@ BOOKMARK_INTERVAL = 10.0  # seconds between BOOKMARK events on idle watches that
 DEFAULT_WATCH_TIMEOUT = 1800  # Kubernetes picks 30-60 min when the client does not say
 JSON = "application/json"
 MERGE_PATCH_TYPES = {"application/merge-patch+json", "application/strategic-merge-patch+json"}
+PROXY_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})  # pods/proxy's, as Kubernetes
+PROXY_DIAL_TIMEOUT = 30.0  # seconds to connect to a pod: Go's default dialer timeout, which the API server's proxy uses
+PROXY_DEFAULT_PORTS = {"http": 80, "https": 443}  # when neither the path nor the pod's containers name a port
+# Never forwarded: hop-by-hop headers (RFC 9110 §7.6.1), and the caller's credentials, which are for this
+# server only (kube-apiserver drops Authorization once it has authenticated the request).
+PROXY_DROPPED_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                                   "trailer", "transfer-encoding", "upgrade", "host", "authorization",
+                                   "content-length"})
 
 
 class ApiServer:
@@ -52,6 +68,7 @@ class ApiServer:
         self.ips = admission.ServiceIPs(
             obj.get("spec", {}).get("clusterIP", "") for obj in self.store.items("", "services"))
         self._runner: web.AppRunner | None = None
+        self._proxy_session: aiohttp.ClientSession | None = None
         for crd in self.store.items("apiextensions.k8s.io", "customresourcedefinitions"):
             self._register_crd(crd)
 
@@ -71,6 +88,8 @@ class ApiServer:
         self.store.close_watchers()
         if self._runner:
             await self._runner.cleanup()
+        if self._proxy_session:
+            await self._proxy_session.close()
 
     # -- HTTP plumbing ---------------------------------------------------------------------------
     @web.middleware
@@ -105,6 +124,8 @@ class ApiServer:
             raise ApiError(404, f"the server could not find the requested resource ({request.path})")
         if not rest:
             return web.json_response(self._resource_list(group, version))
+        if group == "" and len(rest) >= 5 and rest[0] == "namespaces" and rest[2] == "pods" and rest[4] == "proxy":
+            return await self._pod_proxy(request, rest[1], rest[3])
         return await self._resource_request(request, group, version, rest)
 
     def _parse_target(self, group: str, version: str, rest: list[str]) -> tuple[ResourceType, str, str, str]:
@@ -389,6 +410,61 @@ class ApiServer:
             await response.write_eof()
         return response
 
+    # -- pods/proxy ------------------------------------------------------------------------------
+    async def _pod_proxy(self, request: web.Request, namespace: str, target: str) -> web.StreamResponse:
+        """The request, without the caller's credentials, sent on to `http(s)://<pod IP>:<port>/<path>?<query>`
+        and the pod's answer streamed back as it is. Errors are Kubernetes' own: 404 for no such pod, 400
+        `address not allowed` for a pod without an IP, 503 `error trying to reach service: ...` when the pod
+        does not answer."""
+        if request.method not in PROXY_METHODS:
+            raise ApiError(405, f"the server does not allow the method {request.method} on pods/proxy")
+        scheme, name, port = split_scheme_name_port(target)
+        pod = self._require(self.types.require("pods"), namespace, name)
+        # The path after `/proxy`, still percent-encoded, trailing slash kept: as the caller wrote it.
+        raw_parts = request.rel_url.raw_path.split("/")
+        tail = "/" + "/".join(raw_parts[8:]) if raw_parts[7:8] == ["proxy"] else "/"
+        host, port_number = pod_location(pod, scheme, port)
+        url = f"{scheme}://{host}:{port_number}{tail}"
+        if request.rel_url.raw_query_string:
+            url += f"?{request.rel_url.raw_query_string}"
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in PROXY_DROPPED_HEADERS]
+        headers += [("X-Forwarded-For", request.remote or ""), ("X-Forwarded-Host", request.host),
+                    ("X-Forwarded-Proto", request.scheme), ("X-Forwarded-Uri", request.rel_url.raw_path)]
+        body = await request.read() if request.can_read_body else None
+        response: web.StreamResponse | None = None
+        try:
+            async with self._proxy().request(request.method, URL(url, encoded=True),
+                                             headers=headers, data=body, allow_redirects=False) as upstream:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for key, value in upstream.headers.items():
+                    if key.lower() not in PROXY_DROPPED_HEADERS:
+                        response.headers.add(key, value)
+                if upstream.content_length is not None:
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if response is not None and response.prepared:
+                # The status line is out: all that is left is to cut the connection, so the caller sees a
+                # truncated answer rather than a short one that looks whole.
+                log.warning("pods/proxy %s/%s: the pod's answer broke off: %s", namespace, name, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            raise ApiError(503, f"error trying to reach service: {_dial_error(host, port_number, exc)}") from None
+
+    def _proxy(self) -> aiohttp.ClientSession:
+        if self._proxy_session is None:
+            # Pods' certificates are not checked (kube-apiserver's proxy transport does not either), and bodies
+            # pass through still encoded.
+            self._proxy_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=False), auto_decompress=False, skip_auto_headers=("User-Agent",),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=PROXY_DIAL_TIMEOUT))
+        return self._proxy_session
+
     # -- discovery and custom resources ----------------------------------------------------------
     def _learn(self, rt: ResourceType, kind: str, namespaced: bool) -> None:
         self.types.add(ResourceType(rt.group, rt.version, kind, rt.plural, namespaced))
@@ -434,6 +510,62 @@ class ApiServer:
                                   "kind": rt.kind, "verbs": ["get", "patch", "update"]})
         gv = f"{group}/{version}" if group else version
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
+
+
+def split_scheme_name_port(target: str) -> tuple[str, str, str]:
+    """`name`, `name:port` or `scheme:name:port` (scheme http or https) → (scheme, name, port), as
+    Kubernetes' `SplitSchemeNamePort`; anything else is a 400."""
+    match target.split(":"):
+        case [name]:
+            scheme, port = "", ""
+        case [name, port]:
+            scheme = ""
+        case [scheme, name, port]:
+            pass
+        case _:
+            name = scheme = ""
+    if not name or scheme not in ("", *PROXY_DEFAULT_PORTS):
+        raise ApiError(400, f"invalid pod request {target!r}")
+    return scheme or "http", name, port
+
+
+def pod_location(pod: Obj, scheme: str, port: str) -> tuple[str, int]:
+    """Where pods/proxy sends a request: the pod's (first) IP, and the port asked for, else the first port
+    any of its containers declares, else the scheme's. Kubernetes refuses addresses that are not global
+    unicast with 400 `address not allowed`; loopback is allowed here, where tests stand a pod in on 127.0.0.1."""
+    status = pod.get("status") or {}
+    ip = next((entry.get("ip") for entry in status.get("podIPs") or []), None) or status.get("podIP") or ""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        raise ApiError(400, "address not allowed") from None
+    if address.is_unspecified or address.is_multicast or address.is_link_local or \
+            address == ipaddress.IPv4Address("255.255.255.255"):
+        raise ApiError(400, "address not allowed")
+    if not port:
+        declared = (c["ports"][0].get("containerPort") for c in pod["spec"].get("containers") or [] if c.get("ports"))
+        port = str(next(declared, PROXY_DEFAULT_PORTS[scheme]))
+    if not port.isdigit():
+        try:  # a service name, looked up as Go's dialer does (/etc/services)
+            port = str(socket.getservbyname(port, "tcp"))
+        except OSError:
+            raise ApiError(503, f"error trying to reach service: dial tcp: lookup tcp/{port}: unknown port") from None
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return host, int(port)
+
+
+def _dial_error(host: str, port: int, exc: BaseException) -> str:
+    """Go's words for a failed dial (`dial tcp 10.244.1.5:15000: connect: connection refused`): users and
+    tools match on them."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        errno = exc.os_error.errno
+        reason = os.strerror(errno).lower() if errno else str(exc.os_error)
+        return f"dial tcp {host}:{port}: connect: {reason}"
+    if isinstance(exc, TimeoutError):
+        return f"dial tcp {host}:{port}: i/o timeout"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "EOF"
+    return str(exc) or type(exc).__name__
 
 
 def _frame(event_type: str, obj: Obj) -> bytes:

@@ -53,6 +53,9 @@ SANDBOX_RETRY_MAX = 10.0  # seconds: cap of the backoff between failed sandbox (
 CRASH_BACKOFF_MAX = 20.0  # seconds: cap of CrashLoopBackOff (Kubernetes uses 5 min; tests want minutes less)
 MAX_STOP_GRACE = 10.0  # seconds we wait for SIGTERM before SIGKILL, whatever the pod asks for
 PROXY_DEBOUNCE = 0.1  # seconds to gather Service/EndpointSlice changes into one iptables-restore
+# A mirror pod stands for a process something else runs on the node (a static pod; here each node's ztunnel,
+# see ambient/local/supervisor.py): the kubelet runs nothing for it.
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 
 
 def resolv_conf(namespace: str) -> str:
@@ -479,7 +482,7 @@ class Kubelet:
     # -- pods --------------------------------------------------------------------------------------
     def _on_pod(self, event: str, pod: Obj) -> None:
         uid = pod["metadata"]["uid"]
-        if self.stopping:
+        if self.stopping or MIRROR_ANNOTATION in (pod["metadata"].get("annotations") or {}):
             return
         worker = self.workers.get(uid)
         if event == "DELETED":

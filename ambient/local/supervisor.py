@@ -1,6 +1,10 @@
 """The local cluster's control process: API server, controllers and cluster DNS in one event loop, plus
 one kubelet per simulated node as a supervised child process (restarted with backoff if it dies).
 
+Each node's ztunnel is one of those processes, not a pod; the supervisor shows it to the API as a kubelet
+shows a static pod, with a mirror pod `istio-system/ztunnel-<node>` (`ZtunnelMirrors`), so that whatever
+finds ztunnels on a real cluster (the DaemonSet's labels, the pod on a node, its pods/proxy) finds them here.
+
 Started in the background by `ambientctl up`; `ambientctl down` sends it SIGTERM, on which it stops the
 kubelets (which stop their pods) and then itself.
 """
@@ -10,20 +14,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import ssl
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ambient.aio import cancel_on_signals
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.errors import ApiError
+from ambient.kube.events import now_rfc3339
+from ambient.kube.informer import Informer
+from ambient.kube.resources import ResourceTable
 from ambient.local import procs
 from ambient.local.apiserver import ApiServer
 from ambient.local.controllers import Controllers
 from ambient.local.dns import ClusterDNS, ClusterZone, upstreams_from_resolv_conf
+from ambient.local.kubelet import MIRROR_ANNOTATION
 from ambient.local.layout import API_PORT, StateDir
 from ambient.local.network import HOST_IP, KUBE_DNS_IP, KUBERNETES_SERVICE_IP, NodeNet
 
@@ -34,6 +44,14 @@ DRIFT_INTERVAL = 5.0  # seconds: the local cluster's agents re-verify pod rules 
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a crashing child
 CHILD_STOP_TIMEOUT = 40.0  # seconds a kubelet gets to stop its pods on shutdown
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease", "istio-system")
+POD = ResourceTable().require("pods")
+ZTUNNEL_NAMESPACE = "istio-system"
+# The labels of the ztunnel DaemonSet's pods (deploy/ztunnel.yaml): `app=ztunnel` is how tools find them.
+ZTUNNEL_POD_LABELS = {"app": "ztunnel", "istio.io/dataplane-mode": "none", "sidecar.istio.io/inject": "false"}
+ZTUNNEL_PORTS = [{"name": "admin", "containerPort": 15000, "protocol": "TCP"},  # first: pods/proxy's default
+                 {"name": "ztunnel-stats", "containerPort": 15020, "protocol": "TCP"},
+                 {"name": "status-port", "containerPort": 15021, "protocol": "TCP"}]
+MIRROR_RETRY = 1.0  # seconds before retrying a failed mirror pod write
 
 
 def _static_service(name: str, namespace: str, ip: str, ports: list[Obj], endpoint_ports: list[Obj],
@@ -82,6 +100,13 @@ class Child:
         self.pid_path = state.root / "pids" / f"{name}.json"
         self.process: asyncio.subprocess.Process | None = None
         self.stopping = False
+        self.started_at: str | None = None  # when the current (or last) run began
+        self.restarts = 0
+        self.on_change: Callable[[], None] = lambda: None  # called when the process starts or exits
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
 
     async def supervise(self) -> None:
         backoff = 1.0
@@ -92,9 +117,13 @@ class Child:
                     *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True)
             procs.record(self.pid_path, self.process.pid)
+            self.restarts += self.started_at is not None
+            self.started_at = now_rfc3339()
+            self.on_change()
             code = await self.process.wait()
             if self.stopping:
                 break
+            self.on_change()
             log.error("%s exited with status %s; restarting in %.0fs (log: %s)", self.name, code, backoff,
                       self.log_path)
             await asyncio.sleep(backoff)
@@ -159,6 +188,116 @@ def node_children(state: StateDir, node: NodeNet) -> list[Child]:
     ]
 
 
+class ZtunnelProcess(Protocol):
+    """What a mirror pod shows of a node's ztunnel (a `Child`)."""
+
+    argv: list[str]
+    started_at: str | None
+    restarts: int
+
+    @property
+    def running(self) -> bool: ...
+
+
+def ztunnel_mirror_pod(node: NodeNet, ztunnel: ZtunnelProcess) -> Obj:
+    """The mirror pod of `node`'s ztunnel, named `ztunnel-<node>` as a kubelet names a static pod's mirror,
+    with the DaemonSet pod's labels, container name and ports. The mirror annotation holds a hash of the
+    spec, as a kubelet's does: a mirror pod whose hash differs is outdated and gets replaced."""
+    spec: Obj = {"nodeName": node.name, "hostNetwork": True, "restartPolicy": "Always",
+                 "containers": [{"name": "istio-proxy", "image": "ambient-local", "command": ztunnel.argv,
+                                 "ports": ZTUNNEL_PORTS}]}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"ztunnel-{node.name}", "namespace": ZTUNNEL_NAMESPACE, "labels": ZTUNNEL_POD_LABELS,
+                         "annotations": {MIRROR_ANNOTATION: digest, "kubernetes.io/config.hash": digest,
+                                         "kubernetes.io/config.source": "file"}},
+            "spec": spec}
+
+
+def ztunnel_mirror_status(node: NodeNet, ztunnel: ZtunnelProcess) -> Obj:
+    """The pod status a kubelet would report for the ztunnel process: Ready while it runs."""
+    running = ztunnel.running
+    state: Obj = {"running": {"startedAt": ztunnel.started_at}} if running and ztunnel.started_at else {
+        "waiting": {"reason": "CrashLoopBackOff" if ztunnel.started_at else "ContainerCreating"}}
+    ready = "True" if running else "False"
+    return {
+        "phase": "Running" if ztunnel.started_at else "Pending",
+        "hostIP": node.ip, "hostIPs": [{"ip": node.ip}], "podIP": node.ip, "podIPs": [{"ip": node.ip}],
+        "startTime": ztunnel.started_at or now_rfc3339(),
+        "conditions": [{"type": kind, "status": status} for kind, status in (
+            ("PodReadyToStartContainers", "True"), ("Initialized", "True"), ("ContainersReady", ready),
+            ("Ready", ready), ("PodScheduled", "True"))],
+        "containerStatuses": [{"name": "istio-proxy", "ready": running, "started": running,
+                               "restartCount": ztunnel.restarts, "state": state, "image": "ambient-local",
+                               "imageID": ""}],
+        "qosClass": "BestEffort",
+    }
+
+
+class ZtunnelMirrors:
+    """Keeps one mirror pod per node's ztunnel current, as a kubelet does for its static pods: created when
+    missing, replaced when outdated or when someone deletes it, status following the process; mirror pods
+    of nodes no longer in the cluster are removed. Writes go through the API (so they survive in its state
+    dir, and `ambientctl down` removes them with it)."""
+
+    def __init__(self, client: KubeClient, ztunnels: dict[NodeNet, ZtunnelProcess]) -> None:
+        self.client, self.ztunnels = client, ztunnels
+        self.dirty = asyncio.Event()
+        self.pods = Informer(client, POD, namespace=ZTUNNEL_NAMESPACE,
+                             label_selector=f"app={ZTUNNEL_POD_LABELS['app']}", handler=lambda *_: self.dirty.set())
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.pods.run(), name="ztunnel-mirror-informer")
+            await self.pods.synced.wait()
+            self.dirty.set()
+            while True:
+                await self.dirty.wait()
+                self.dirty.clear()
+                try:
+                    await self.sync()
+                except ApiError as exc:
+                    log.warning("ztunnel mirror pods: %s; retrying in %.0fs", exc, MIRROR_RETRY)
+                    await asyncio.sleep(MIRROR_RETRY)
+                    self.dirty.set()
+
+    async def sync(self) -> None:
+        desired = {f"ztunnel-{node.name}": ztunnel_mirror_pod(node, proc) for node, proc in self.ztunnels.items()}
+        replaced: set[str] = set()
+        for pod in self.pods.items():
+            meta = pod["metadata"]
+            mirror_hash = (meta.get("annotations") or {}).get(MIRROR_ANNOTATION)
+            if mirror_hash is None:
+                continue  # not a mirror pod: someone else's
+            want = desired.get(meta["name"])
+            if want is None or meta.get("deletionTimestamp") or \
+                    mirror_hash != want["metadata"]["annotations"][MIRROR_ANNOTATION]:
+                await self._write(self.client.delete(POD, meta["name"], ZTUNNEL_NAMESPACE, grace_period=0), 404)
+                replaced.add(meta["name"])
+        for node, proc in self.ztunnels.items():
+            name = f"ztunnel-{node.name}"
+            status = ztunnel_mirror_status(node, proc)
+            current = None if name in replaced else self.pods.get(name, ZTUNNEL_NAMESPACE)
+            if current is None:
+                # 409: created by an earlier pass whose event has not reached the cache yet.
+                await self._write(self.client.create(desired[name]), 409)
+            elif _without_start_time(current.get("status") or {}) == _without_start_time(status):
+                continue
+            await self.client.patch(POD, name, {"status": status}, ZTUNNEL_NAMESPACE, status=True)
+
+    @staticmethod
+    async def _write(call: Awaitable[Obj], harmless: int) -> None:
+        try:
+            await call
+        except ApiError as exc:
+            if exc.code != harmless:
+                raise
+
+
+def _without_start_time(status: Obj) -> Obj:
+    return {k: v for k, v in status.items() if k != "startTime"}
+
+
 async def main_async(state: StateDir) -> None:
     config = json.loads(state.config.read_text())
     server = ApiServer(state.root, state.token_file.read_text().strip())
@@ -172,13 +311,20 @@ async def main_async(state: StateDir) -> None:
                      upstreams=upstreams_from_resolv_conf("/etc/resolv.conf", skip=[HOST_IP, KUBE_DNS_IP]))
     await dns.start()
     controllers = Controllers(client, zone)
-    children = [control_child(state), *(child for i in config["nodes"] for child in node_children(state, NodeNet(i)))]
+    per_node = {NodeNet(i): node_children(state, NodeNet(i)) for i in config["nodes"]}
+    children = [control_child(state), *(child for node_list in per_node.values() for child in node_list)]
+    ztunnels = {node: next(c for c in node_list if c.name == f"ztunnel-{node.name}")
+                for node, node_list in per_node.items()}
+    mirrors = ZtunnelMirrors(client, dict(ztunnels))
+    for ztunnel in ztunnels.values():
+        ztunnel.on_change = mirrors.dirty.set
     log.info("control plane up: API https://%s:%d, DNS %s:53, %d node(s)", HOST_IP, API_PORT, HOST_IP,
              len(config["nodes"]))
     cancel_on_signals()
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(controllers.run(), name="controllers")
+            tg.create_task(mirrors.run(), name="ztunnel-mirrors")
             for child in children:
                 tg.create_task(child.supervise(), name=child.name)
     except asyncio.CancelledError:

@@ -1,24 +1,19 @@
 """ztunnel's admin (15000), readiness (15021) and metrics (15020) servers over real HTTP on 127.0.0.1 with
-a fake state provider, and `ambientctl ztunnel-config` reading that admin server."""
+a fake state provider (which tests/integration/cli/test_ztunnel_config.py serves to `ambientctl ztunnel-config`)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
 import socket
-import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import aiohttp
-import click
 import pytest
-from click.testing import CliRunner
 from cryptography import x509
 
-from ambient.cli import ztunnel_config
 from ambient.identity.certs import WorkloadCertificate
 from ambient.identity.keys import build_csr, generate_key, load_csr, private_key_pem
 from ambient.identity.manager import CertificateStatus
@@ -26,13 +21,13 @@ from ambient.identity.signer import CaSigner
 from ambient.identity.spiffe import SpiffeId
 from ambient.proto import authorization_pb2, workload_pb2
 from ambient.telemetry import logs
+from ambient.telemetry.admin_http import Readiness
 from ambient.xds.store import StoreChanges, WorkloadSnapshot, WorkloadStore
 from ztunnel.admin import (
     AdminServer,
     CertificateInfo,
     ConnectionEntry,
     MetricsServer,
-    Readiness,
     ReadinessServer,
     WorkloadState,
 )
@@ -304,142 +299,3 @@ async def test_a_taken_port_is_a_clear_error() -> None:
         server = ReadinessServer(Readiness(), (HOST, port))
         with pytest.raises(ConfigError, match=f"cannot listen on {HOST}:{port} for the readiness server"):
             await server.start()
-
-
-# -- ambientctl ztunnel-config --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def admin_port() -> Iterator[int]:
-    """The admin server on its own loop in a thread: CliRunner blocks the caller's thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="fake-ztunnel", daemon=True)
-    thread.start()
-    server = AdminServer(FakeState(), lambda: None, (HOST, 0))
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
-    yield server.port
-    asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def nodes(monkeypatch: pytest.MonkeyPatch, admin_port: int) -> dict[str, int]:
-    """node name → admin port; node-1 is the fake ztunnel, node-2 has none."""
-    ports = {"node-1": admin_port, "node-2": closed_port()}
-    monkeypatch.setattr(ztunnel_config, "admin_address", lambda node: (HOST, ports[node]))
-    monkeypatch.setattr(ztunnel_config, "cluster_nodes", lambda: list(ports))
-    return ports
-
-
-def run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(ztunnel_config.ztunnel_config, list(args))
-    return result.exit_code, result.output
-
-
-def table(output: str) -> list[list[str]]:
-    """The words of each line (headers with spaces split too)."""
-    return [line.split() for line in output.strip().splitlines()]
-
-
-def test_workloads_table(nodes: dict[str, int]) -> None:
-    code, output = run("workloads")
-    assert code == 0, output
-    lines = output.splitlines()
-    assert lines[0].split() == ["NAMESPACE", "POD", "NAME", "ADDRESS", "NODE", "WAYPOINT", "PROTOCOL"]
-    assert [line.split() for line in lines[1:]] == [
-        ["default", "sleep-7d4f9", "10.244.1.5", "node-1", "None", "HBONE"],
-        ["web", "httpbin-5c6f", "10.244.2.4", "node-2", "waypoint", "HBONE"],
-        ["web", "httpbin-9a1b", "10.244.2.9", "node-2", "None", "TCP"]]
-    assert lines[1].index("10.244.1.5") == lines[0].index("ADDRESS")  # aligned columns
-    code, output = run("workloads", "-n", "default")
-    assert [line.split()[1] for line in output.splitlines()[1:]] == ["sleep-7d4f9"]
-
-
-def test_services_and_policies_tables(nodes: dict[str, int]) -> None:
-    code, output = run("services")
-    assert code == 0, output
-    assert table(output) == [["NAMESPACE", "SERVICE", "NAME", "SERVICE", "VIP", "WAYPOINT", "ENDPOINTS"],
-                             ["web", "httpbin", "10.96.0.20", "waypoint", "1/2"],
-                             ["web", "waypoint", "10.96.0.30", "None", "0/0"]]
-    code, output = run("policies")
-    assert code == 0, output
-    assert table(output) == [["NAMESPACE", "POLICY", "NAME", "ACTION", "SCOPE"],
-                             ["istio-system", "istio_converted_static_strict", "Deny", "Global"],
-                             ["web", "allow-sleep", "Allow", "WorkloadSelector"]]
-
-
-def test_certificates_table(nodes: dict[str, int]) -> None:
-    code, output = run("certificates")
-    assert code == 0, output
-    rows = table(output)
-    assert rows[0] == ["CERTIFICATE", "NAME", "TYPE", "STATUS", "VALID", "CERT", "SERIAL", "NUMBER", "NOT", "AFTER",
-                       "NOT", "BEFORE"]
-    assert rows[1] == [str(BROKEN_ID), "NA", "Unavailable", "false", "NA", "NA", "NA"]
-    leaf = x509.load_pem_x509_certificate(SLEEP_CERT.leaf_pem.encode())
-    assert rows[2][:5] == [str(SLEEP_ID), "Leaf", "Available", "true", format(leaf.serial_number, "x")]
-    assert rows[2][5] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert rows[3][:4] == [str(SLEEP_ID), "Root", "Available", "true"]
-
-
-def test_connections_counts_and_details(nodes: dict[str, int]) -> None:
-    code, output = run("connections")
-    assert code == 0, output
-    assert table(output) == [["WORKLOAD", "STATE", "INBOUND", "OUTBOUND"],
-                             ["sleep-7d4f9.default", "Up", "0", "1"],
-                             ["httpbin-5c6f.web", "Up", "1", "0"]]
-    code, output = run("connections", "--details")
-    assert code == 0, output
-    assert table(output)[1:] == [
-        ["sleep-7d4f9.default", "Outbound", "sleep-7d4f9.default:40936", "httpbin-5c6f.web:15008",
-         "httpbin.web.svc.cluster.local:8000", "HBONE"],
-        ["httpbin-5c6f.web", "Inbound", "httpbin-5c6f.web:8080", "sleep-7d4f9.default:40936", "HBONE",
-         "spiffe://cluster.local/ns/default/sa/sleep"]]
-
-
-def test_json_output_is_the_dump_section(nodes: dict[str, int]) -> None:
-    code, output = run("workloads", "-o", "json", "-n", "web")
-    assert code == 0, output
-    assert [w["name"] for w in json.loads(output)] == ["httpbin-5c6f", "httpbin-9a1b"]
-    code, output = run("all", "-o", "json")
-    assert code == 0 and set(json.loads(output)) >= {"workloads", "services", "policies", "certificates"}
-
-
-def test_all_summary_prints_every_table(nodes: dict[str, int]) -> None:
-    code, output = run("all")
-    assert code == 0, output
-    for header in ("POD NAME", "SERVICE VIP", "POLICY NAME", "CERTIFICATE NAME"):
-        assert header in output
-
-
-def test_unreachable_ztunnel_is_a_clear_error(nodes: dict[str, int]) -> None:
-    code, output = run("workloads", "--node", "node-2")
-    assert code == 1
-    assert output.startswith(f"error: cannot reach ztunnel on node-2 at http://{HOST}:{nodes['node-2']}/config_dump")
-    assert "Traceback" not in output and "ztunnel running on node-2?" in output
-
-
-def test_all_nodes_shows_what_answers_and_fails_for_the_rest(nodes: dict[str, int]) -> None:
-    code, output = run("policies", "--node", "all")
-    assert code == 1
-    assert output.startswith(f"node-1 ({HOST}):\nNAMESPACE")
-    assert "allow-sleep" in output and "error: cannot reach ztunnel on node-2" in output
-    code, output = run("policies", "--node", "all", "-o", "json")
-    assert code == 1 and list(json.loads(output.split("error:")[0])) == ["node-1"]
-
-
-def test_unknown_node_is_refused() -> None:
-    code, output = run("workloads", "--node", "worker-7")
-    assert code == 1 and "unknown node 'worker-7'" in output
-
-
-def test_register_adds_the_command_and_node_ips_follow_the_local_cluster() -> None:
-    group = click.Group()
-    ztunnel_config.register(group)
-    assert group.get_command(click.Context(group), "ztunnel-config") is ztunnel_config.ztunnel_config
-    assert ztunnel_config.admin_address("node-3") == ("172.30.0.13", 15000)

@@ -273,3 +273,23 @@ async def test_plugins_receive_the_cni_environment(plugins: Path) -> None:
     await cni.add(conflist("passthrough"), INV, str(plugins))
     env = json.loads((plugins.parent / "passthrough.env").read_text())
     assert env == {k: v for k, v in INV.env("ADD", str(plugins)).items() if k.startswith("CNI_")}
+
+
+# -- mirror pods ---------------------------------------------------------------------------------------
+async def test_kubelet_runs_nothing_for_a_mirror_pod(tmp_path: Path) -> None:
+    """A mirror pod stands for a process the node already runs (its ztunnel): no sandbox, no CNI."""
+    from ambient.kube.client import KubeClient, KubeConfig
+    from ambient.local.kubelet import MIRROR_ANNOTATION, Kubelet
+    from ambient.local.layout import StateDir
+
+    async with KubeClient(KubeConfig("http://127.0.0.1:1")) as client:
+        kubelet = Kubelet(StateDir(tmp_path), NodeNet(1), client)
+        mirror = {"metadata": {"name": "ztunnel-node-1", "namespace": "istio-system", "uid": "u1",
+                               "annotations": {MIRROR_ANNOTATION: "abc"}},
+                  "spec": {"nodeName": "node-1", "hostNetwork": True, "containers": [{"name": "istio-proxy"}]}}
+        kubelet._on_pod("ADDED", mirror)
+        try:
+            assert kubelet.workers == {} and kubelet.tasks == {}
+        finally:
+            for task in kubelet.tasks.values():
+                task.cancel()
