@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +109,26 @@ def up(state_dir: Path, node_count: int) -> ClusterInfo:
         raise ClusterError("the reference CNI plugins are missing; install containernetworking-plugins "
                            "(scripts/setup.sh does)")
     state = StateDir(state_dir.resolve())
+    with _host_lock():
+        _start(state, node_count)
+    return _wait_ready(state)
+
+
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    """One `up` at a time on this host: between seeing no other cluster running and recording ours there is
+    network setup, and a second `up` in that window would build a clashing cluster on the same addresses."""
+    CURRENT_POINTER.parent.mkdir(parents=True, exist_ok=True)
+    with (CURRENT_POINTER.parent / "up.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _start(state: StateDir, node_count: int) -> None:
+    """Start the cluster of `state` unless it runs already; the caller holds the host lock."""
     other = current_state_dir()
     if other and other != state.root and running(StateDir(other)):
         raise ClusterError(f"another local cluster is running with state dir {other}; "
@@ -116,7 +138,7 @@ def up(state_dir: Path, node_count: int) -> ClusterInfo:
         if len(config["nodes"]) != node_count:
             print(f"cluster already up with {len(config['nodes'])} node(s); `ambientctl down` to change --nodes",
                   file=sys.stderr)
-        return _wait_ready(state)
+        return
     nodes = network.nodes(node_count)
     state.root.mkdir(parents=True, exist_ok=True)
     state.config.write_text(json.dumps({"nodes": [n.index for n in nodes]}))
@@ -146,7 +168,6 @@ def up(state_dir: Path, node_count: int) -> ClusterInfo:
     procs.record(state.supervisor_pid, proc.pid)
     CURRENT_POINTER.parent.mkdir(parents=True, exist_ok=True)
     CURRENT_POINTER.write_text(str(state.root))
-    return _wait_ready(state)
 
 
 def _wait_ready(state: StateDir) -> ClusterInfo:

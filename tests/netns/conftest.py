@@ -76,15 +76,30 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         other = current_state_dir()
         return not (other and running(StateDir(other)))
 
-    # Only one local cluster fits on a host (fixed addresses): wait for someone else's to go, then skip.
-    try:
-        eventually(free, timeout=OTHER_CLUSTER_WAIT, interval=2, what="another local cluster to go down")
-    except AssertionError:
-        pytest.skip(f"another local cluster kept running for {OTHER_CLUSTER_WAIT:.0f}s; its addresses would clash")
     state_dir = tmp_path_factory.mktemp("cluster") / "state"
     c = Cluster(state_dir)
+
+    def started() -> bool:
+        """`up` once no other cluster runs; False when another test session's `up` won the race (ours then
+        refuses, under `up`'s host lock, with 'another local cluster is running')."""
+        if not free():
+            return False
+        proc = c.ctl("up", "--nodes", "2", check=False)
+        if proc.returncode != 0 and "another local cluster is running" in proc.stderr:
+            return False
+        if proc.returncode != 0:
+            raise AssertionError(f"ambientctl up --nodes 2 failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return True
+
     try:
-        c.ctl("up", "--nodes", "2")
+        # Only one local cluster fits on a host (fixed addresses): wait for someone else's to go, then skip.
+        try:
+            eventually(started, timeout=OTHER_CLUSTER_WAIT, interval=2, what="another local cluster to go down")
+        except AssertionError as exc:
+            if "ambientctl up" in str(exc):
+                raise
+            pytest.skip(f"another local cluster kept running for {OTHER_CLUSTER_WAIT:.0f}s; its addresses would "
+                        "clash")
         c.ctl("apply", "-f", "samples/bookinfo/bookinfo.yaml")
         c.ctl("apply", "-f", "samples/sleep/sleep.yaml")
         c.ctl("wait", "--for=condition=ready", "pod", "--all", "-n", "bookinfo", "--timeout=90s")
