@@ -4,13 +4,14 @@ the columns of `istioctl ztunnel-config`, or as JSON with `-o json`.
 
 The dump is read through the API server, as a Kubernetes tool must: the ztunnel pods are found by the
 DaemonSet's label (`app=ztunnel`, in `--istio-namespace`), the one on `--node` by field selector, and the
-dump is fetched with the pods/proxy subresource
-(`/api/v1/namespaces/<ns>/pods/<pod>:15000/proxy/config_dump`). So the same command works on the local
-cluster (whose per-node ztunnel processes have mirror pods, ambient/local/supervisor.py) and on any
-cluster given with `--kubeconfig`, where ztunnel's admin port must listen on the pod IP for the API server
-to reach it. As istioctl: at most one of a pod name, `--node` or `--file`; with none, any ztunnel, except
-for certificates and connections, which differ per ztunnel and so need one named. `--node all` asks every
-ztunnel. Wire it into the CLI with `register(cli)`.
+dump is fetched over a port-forward to port 15000 of the pod (`pods/<pod>/portforward`, WebSocket:
+ambient/kube/portforward.py), as istioctl does. Not the pods/proxy subresource: that dials the pod IP,
+and ztunnel's admin port listens on localhost only (it has POST endpoints such as /quitquitquit), which a
+port-forward reaches because the kubelet dials it inside the pod. So the same command works on the local
+cluster (whose per-node ztunnel processes have mirror pods, ambient/local/supervisor.py) and on any cluster
+given with `--kubeconfig` (RBAC: `pods/portforward`). As istioctl: at most one of a pod name, `--node` or
+`--file`; with none, any ztunnel, except for certificates and connections, which differ per ztunnel and so
+need one named. `--node all` asks every ztunnel. Wire it into the CLI with `register(cli)`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ import click
 from ambient.cli.errors import CliError
 from ambient.kube.client import KubeClient
 from ambient.kube.errors import ApiError
+from ambient.kube.portforward import ForwardingFailed, PortForwardError, http_get_via_port_forward
 from ambient.kube.resources import ResourceTable
 
 ADMIN_PORT = 15000  # PROTOCOLS.md §1
+DUMP_PATH = "/config_dump"
+DUMP_TIMEOUT = 30.0  # seconds for one dump through the port-forward: the client's bound on a short request
 ISTIO_NAMESPACE = "istio-system"  # istioctl's --istio-namespace default
 ZTUNNEL_LABEL = "app=ztunnel"  # the ztunnel DaemonSet's pods (deploy/ztunnel.yaml), and the local cluster's mirror pods
 KINDS = ("workloads", "services", "policies", "certificates", "connections", "all")
@@ -108,20 +112,30 @@ async def find_ztunnels(client: KubeClient, kind: str, pod: str | None, node: st
     return ztunnels[:1]
 
 
-def proxy_path(ztunnel: Ztunnel, port: int = ADMIN_PORT) -> str:
-    """The API server path that reaches the ztunnel's config dump (pods/proxy)."""
-    return POD.path(ztunnel.namespace, f"{ztunnel.pod}:{port}", "proxy") + "/config_dump"
-
-
 async def fetch_dump(client: KubeClient, ztunnel: Ztunnel) -> Json:
+    """The ztunnel's config dump, over a port-forward to its admin port; each failure one line."""
+    where = f"ztunnel's admin port {ADMIN_PORT} on pod {ztunnel.name}"
     try:
-        body = await client.raw("GET", proxy_path(ztunnel))
+        status, body = await http_get_via_port_forward(client, ztunnel.namespace, ztunnel.pod, ADMIN_PORT, DUMP_PATH,
+                                                       DUMP_TIMEOUT)
     except ApiError as exc:
-        hint = f"; is ztunnel running on {ztunnel.node or 'its node'}, its admin port listening on the pod IP?" \
-            if exc.code == 503 and "error trying to reach service" in exc.message else ""
-        raise ZtunnelConfigError(f"cannot read the config dump of {ztunnel.name} through the API server: "
-                                 f"{exc.message}{hint}") from None
+        raise ZtunnelConfigError(f"cannot port-forward to {ztunnel.name} through the API server: "
+                                 f"{_one_line(exc.message)}") from None
+    except ForwardingFailed as exc:
+        if exc.received:
+            raise ZtunnelConfigError(f"the port-forward to {where} broke off: {_one_line(exc.message)}") from None
+        raise ZtunnelConfigError(f"{where} did not accept the connection: {_one_line(exc.message)}") from None
+    except PortForwardError as exc:
+        raise ZtunnelConfigError(f"cannot read the config dump of {ztunnel.name} through a port-forward: "
+                                 f"{_one_line(exc.message)}") from None
+    if status != 200:
+        raise ZtunnelConfigError(f"ztunnel {ztunnel.name} answered GET {DUMP_PATH} with HTTP {status}: "
+                                 f"{_one_line(body.decode(errors='replace'))[:200]}")
     return parse_dump(body, f"ztunnel {ztunnel.name}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def parse_dump(body: bytes, source: str) -> Json:

@@ -1,5 +1,5 @@
 """A thin asyncio Kubernetes client over aiohttp: kubeconfig / in-cluster config, CRUD, merge patch,
-status subresource and watch streams.
+status subresource, watch streams, and port-forward (WebSocket, `ambient.kube.portforward`).
 
 It speaks plain Kubernetes REST, so the same calls work against a real API server and against
 `ambient.local`'s. Resource paths come from `ambient.kube.resources` (with API discovery as a fallback
@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 import aiohttp
 import yaml
 
+from ambient.kube import portforward
 from ambient.kube.errors import ApiError
 from ambient.kube.resources import ResourceTable, ResourceType
 
@@ -153,7 +154,9 @@ class KubeClient:
                 headers["Authorization"] = f"Bearer {self.config.token}"
             ctx = self.config.ssl_context()
             connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else False, limit=64)
-            self._session = aiohttp.ClientSession(self.config.server, headers=headers, connector=connector)
+            # The hook only acts on refused WebSocket upgrades (port-forward), keeping the server's Status.
+            self._session = aiohttp.ClientSession(self.config.server, headers=headers, connector=connector,
+                                                  raise_for_status=portforward.refused_upgrade)
         return self._session
 
     # -- resource types --------------------------------------------------------------------------
@@ -184,7 +187,7 @@ class KubeClient:
                       content_type: str = "application/json") -> Any:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if data is not None else {}
-        async with self._reaching_server(), self.session.request(
+        async with self.reaching_server(), self.session.request(
                 method, path, data=data, params=params, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as resp:
             payload = _payload(await resp.text())
@@ -196,15 +199,23 @@ class KubeClient:
         """A request whose answer is not a Kubernetes object, such as a pod's `proxy` subresource
         (`/api/v1/namespaces/<ns>/pods/<pod>:<port>/proxy/<path>`): the body as sent. Errors are `ApiError`s,
         from the server's `Status` (or from the proxied answer itself) as for `request`."""
-        async with self._reaching_server(), self.session.request(
+        async with self.reaching_server(), self.session.request(
                 method, path, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as resp:
             body = await resp.read()
             if resp.status >= 400:
                 raise ApiError.from_status(resp.status, _payload(body.decode(errors="replace")))
             return body
 
+    def port_forward(self, namespace: str, pod: str,
+                     port: int) -> contextlib.AbstractAsyncContextManager[portforward.PortForwardStream]:
+        """`async with client.port_forward(ns, pod, port) as stream:` a byte stream to `port` inside the pod
+        (`stream.read()`, `stream.write()`, b"" at EOF), as `kubectl port-forward` gives; closed on exit. Errors:
+        `ApiError` when the API server refuses (no such pod, RBAC), `portforward.ForwardingFailed` when the
+        kubelet could not connect to the port."""
+        return portforward.open_stream(self, namespace, pod, port)
+
     @contextlib.asynccontextmanager
-    async def _reaching_server(self) -> AsyncIterator[None]:
+    async def reaching_server(self) -> AsyncIterator[None]:
         """Transport failures as the `ApiError`s every caller already handles."""
         try:
             yield

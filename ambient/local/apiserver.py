@@ -5,8 +5,13 @@ Paths, verbs, query parameters, watch framing and `Status` errors follow the Kub
 (Istio and Gateway API custom resources) are stored as given. It does not run controllers: those are
 clients of this server (`ambient.local.controllers`).
 
-`pods/{name}[:port]/proxy/{path}` forwards a request to the pod's IP as kube-apiserver's pod proxy does
-(that is how `ambientctl ztunnel-config` reaches a ztunnel's admin port, here and on a real cluster).
+`pods/{name}[:port]/proxy/{path}` forwards a request to the pod's IP as kube-apiserver's pod proxy does.
+`pods/{name}/portforward?ports=P` is port-forward over WebSocket (`v4.channel.k8s.io`, the framing in
+ambient/kube/portforward.py), served here as the kubelet serves it, with one difference: the kubelet (its
+container runtime) dials `localhost:P` inside the pod's network namespace, so ports bound to 127.0.0.1 in the
+pod are reachable; here the API server dials `status.podIP:P` from the host, so the pod's port must listen on
+its IP. That is how `ambientctl ztunnel-config` reaches a ztunnel's admin port, here and on a real cluster
+(where it listens on localhost only).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from ambient.kube import portforward
 from ambient.kube.errors import ApiError, not_found
 from ambient.kube.events import now_rfc3339
 from ambient.kube.merge import merge_patch
@@ -53,6 +59,8 @@ MERGE_PATCH_TYPES = {"application/merge-patch+json", "application/strategic-merg
 PROXY_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})  # pods/proxy's, as Kubernetes
 PROXY_DIAL_TIMEOUT = 30.0  # seconds to connect to a pod: Go's default dialer timeout, which the API server's proxy uses
 PROXY_DEFAULT_PORTS = {"http": 80, "https": 443}  # when neither the path nor the pod's containers name a port
+FORWARD_READ = 32 * 1024  # bytes per read from a pod, one frame each: Go's io.Copy buffer, as the kubelet's
+FORWARD_QUEUE = 64  # frames from the client buffered per port while the pod is slow (the kubelet: an io.Pipe)
 # Never forwarded: hop-by-hop headers (RFC 9110 §7.6.1), and the caller's credentials, which are for this
 # server only (kube-apiserver drops Authorization once it has authenticated the request).
 PROXY_DROPPED_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -69,6 +77,7 @@ class ApiServer:
             obj.get("spec", {}).get("clusterIP", "") for obj in self.store.items("", "services"))
         self._runner: web.AppRunner | None = None
         self._proxy_session: aiohttp.ClientSession | None = None
+        self._forwards: set[web.WebSocketResponse] = set()
         for crd in self.store.items("apiextensions.k8s.io", "customresourcedefinitions"):
             self._register_crd(crd)
 
@@ -86,6 +95,8 @@ class ApiServer:
 
     async def close(self) -> None:
         self.store.close_watchers()
+        for ws in list(self._forwards):  # "going away", so the runner need not wait for the handlers
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
         if self._runner:
             await self._runner.cleanup()
         if self._proxy_session:
@@ -124,8 +135,11 @@ class ApiServer:
             raise ApiError(404, f"the server could not find the requested resource ({request.path})")
         if not rest:
             return web.json_response(self._resource_list(group, version))
-        if group == "" and len(rest) >= 5 and rest[0] == "namespaces" and rest[2] == "pods" and rest[4] == "proxy":
+        pod_subresource = group == "" and len(rest) >= 5 and rest[0] == "namespaces" and rest[2] == "pods"
+        if pod_subresource and rest[4] == "proxy":
             return await self._pod_proxy(request, rest[1], rest[3])
+        if pod_subresource and rest[4] == "portforward" and len(rest) == 5:
+            return await self._pod_port_forward(request, rest[1], rest[3])
         return await self._resource_request(request, group, version, rest)
 
     def _parse_target(self, group: str, version: str, rest: list[str]) -> tuple[ResourceType, str, str, str]:
@@ -465,6 +479,45 @@ class ApiServer:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=PROXY_DIAL_TIMEOUT))
         return self._proxy_session
 
+    # -- pods/portforward ------------------------------------------------------------------------------
+    async def _pod_port_forward(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
+        """Port-forward over WebSocket as kube-apiserver + kubelet serve it: the checks the API server makes
+        (404 no such pod, 400 `pod X does not have a host assigned`, 400 `Upgrade request required`), the
+        kubelet's (its words for bad `ports`; 403 for no supported subprotocol), then both channels' port
+        preamble, a dial to the pod, bytes relayed both ways, a failed dial reported on the error channel, and
+        the WebSocket closed once every port's forward has ended. The error text is the kubelet's sentence
+        naming the pod as the kubelet does (`<name>_<namespace>`, its uid), with this server's dial error
+        (`dial tcp <pod IP>:<port>: connect: connection refused`) where a runtime reports its own."""
+        pod = self._require(self.types.require("pods"), namespace, name)
+        if not (pod.get("spec") or {}).get("nodeName"):
+            raise ApiError(400, f"pod {name} does not have a host assigned")
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            # SPDY (older `kubectl port-forward`) lands here too: the local server speaks WebSocket only.
+            raise ApiError(400, "Upgrade request required")
+        try:
+            ports = portforward.parse_ports(request.query.getall("ports", []))
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        ip = pod_ip(pod)
+        if ip is None:
+            raise ApiError(400, f"pod {name} has no IP address to forward to (the local API server dials the "
+                                "pod IP)")
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            protocol = portforward.negotiate(offered)
+        except ValueError as exc:
+            raise ApiError(403, str(exc)) from None
+        ws = web.WebSocketResponse(protocols=(protocol,) if protocol else (), autoping=True)
+        await ws.prepare(request)
+        self._forwards.add(ws)
+        try:
+            relay = _PortForwardRelay(ws, protocol == portforward.BASE64_PROTOCOL, ip, ports,
+                                      f"{name}_{namespace}", str(pod["metadata"].get("uid", "")))
+            await relay.run()
+        finally:
+            self._forwards.discard(ws)
+        return ws
+
     # -- discovery and custom resources ----------------------------------------------------------
     def _learn(self, rt: ResourceType, kind: str, namespaced: bool) -> None:
         self.types.add(ResourceType(rt.group, rt.version, kind, rt.plural, namespaced))
@@ -554,17 +607,127 @@ def pod_location(pod: Obj, scheme: str, port: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def pod_ip(pod: Obj) -> str | None:
+    """The pod's (first) IP, if it has a usable one."""
+    status = pod.get("status") or {}
+    ip = next((entry.get("ip") for entry in status.get("podIPs") or []), None) or status.get("podIP") or ""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    return None if address.is_unspecified or address.is_multicast else str(address)
+
+
+class _PortForwardRelay:
+    """One port-forward WebSocket: for each requested port a connection to `ip:port`, bytes relayed both ways.
+    A port's forward ends when either side does (the pod closed, the client closed the WebSocket) or the dial
+    fails (its error channel says so, in the kubelet's words); the WebSocket closes when all have ended."""
+
+    def __init__(self, ws: web.WebSocketResponse, base64: bool, ip: str, ports: list[int], pod: str,
+                 uid: str) -> None:
+        self.ws, self.base64, self.ip, self.ports, self.pod, self.uid = ws, base64, ip, ports, pod, uid
+        # Client → pod bytes per port; None: the client has gone. Bounded, so a slow pod slows the client down.
+        self.inbound: list[asyncio.Queue[bytes | None]] = [asyncio.Queue(FORWARD_QUEUE) for _ in ports]
+        self.ended = [False for _ in ports]
+        self._send_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        for i, port in enumerate(self.ports):
+            await self._send(portforward.data_channel(i), portforward.port_preamble(port))
+            await self._send(portforward.error_channel(i), portforward.port_preamble(port))
+        async with asyncio.TaskGroup() as tasks:
+            receiving = tasks.create_task(self._receive(), name="portforward-receive")
+            forwards = [tasks.create_task(self._forward(i, port), name=f"portforward-{self.ip}:{port}")
+                        for i, port in enumerate(self.ports)]
+            await asyncio.gather(*forwards)
+            await self.ws.close()
+            receiving.cancel()
+
+    async def _send(self, channel: int, payload: bytes) -> None:
+        async with self._send_lock:
+            if self.base64:
+                await self.ws.send_str(portforward.encode_base64_frame(channel, payload))
+            else:
+                await self.ws.send_bytes(portforward.encode_frame(channel, payload))
+
+    async def _receive(self) -> None:
+        """Client → pods: data-channel frames to their port's queue; the rest (other channels, undecodable
+        frames) ignored, as wsstream does. When the client closes, every port's forward is told to end."""
+        try:
+            async for msg in self.ws:
+                try:
+                    if msg.type == aiohttp.WSMsgType.BINARY and not self.base64 and msg.data:
+                        channel, payload = portforward.decode_frame(msg.data)
+                    elif msg.type == aiohttp.WSMsgType.TEXT and self.base64 and msg.data:
+                        channel, payload = portforward.decode_base64_frame(msg.data)
+                    else:
+                        continue
+                except portforward.ProtocolViolation as exc:
+                    log.info("portforward to %s: frame ignored: %s", self.pod, exc)
+                    continue
+                index, kind = divmod(channel, 2)
+                if kind == portforward.DATA and index < len(self.inbound) and payload and not self.ended[index]:
+                    await self.inbound[index].put(payload)
+        finally:
+            for index, queue in enumerate(self.inbound):
+                if not self.ended[index]:
+                    await queue.put(None)
+
+    async def _forward(self, index: int, port: int) -> None:
+        try:
+            await self._connect_and_relay(index, port)
+        finally:
+            self.ended[index] = True
+            while not self.inbound[index].empty():  # unblocks a receiver waiting to queue more for this port
+                self.inbound[index].get_nowait()
+
+    async def _connect_and_relay(self, index: int, port: int) -> None:
+        def fail(cause: str) -> Awaitable[None]:
+            return self._send(portforward.error_channel(index), portforward.forwarding_error(port, self.pod, self.uid,
+                                                                                             cause).encode())
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.ip, port), PROXY_DIAL_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            with contextlib.suppress(ConnectionError):
+                await fail(_dial_error(f"[{self.ip}]" if ":" in self.ip else self.ip, port, exc))
+            return
+
+        async def to_pod() -> None:
+            while (chunk := await self.inbound[index].get()) is not None:
+                writer.write(chunk)
+                await writer.drain()
+
+        async def from_pod() -> None:
+            while chunk := await reader.read(FORWARD_READ):
+                await self._send(portforward.data_channel(index), chunk)
+
+        try:
+            async with asyncio.TaskGroup() as both:
+                directions = [both.create_task(to_pod()), both.create_task(from_pod())]
+                await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
+                for direction in directions:
+                    direction.cancel()
+        except* OSError as group:
+            with contextlib.suppress(ConnectionError):
+                await fail(str(group.exceptions[0]))
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
 def _dial_error(host: str, port: int, exc: BaseException) -> str:
     """Go's words for a failed dial (`dial tcp 10.244.1.5:15000: connect: connection refused`): users and
-    tools match on them."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        errno = exc.os_error.errno
-        reason = os.strerror(errno).lower() if errno else str(exc.os_error)
-        return f"dial tcp {host}:{port}: connect: {reason}"
-    if isinstance(exc, TimeoutError):
-        return f"dial tcp {host}:{port}: i/o timeout"
+    tools match on them. `host` as in a URL (IPv6 in brackets)."""
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "EOF"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        exc = exc.os_error
+    if isinstance(exc, TimeoutError):
+        return f"dial tcp {host}:{port}: i/o timeout"
+    if isinstance(exc, OSError):
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        return f"dial tcp {host}:{port}: connect: {reason}"
     return str(exc) or type(exc).__name__
 
 

@@ -1,8 +1,8 @@
 """`ambientctl --kubeconfig FILE ztunnel-config` against a real local API server on loopback: the ztunnel pods
 are the local cluster's mirror pods (`ztunnel_mirror_pod`), and node-1's points at a real ztunnel admin
 server (with the fake state of tests/integration/ztunnel/test_admin.py) listening on port 15000 of a
-loopback address of its own; node-2's address has nothing listening. Every dump goes through the API
-server's pods/proxy, as on a real cluster.
+loopback address of its own; node-2's address has nothing listening. Every dump goes through a port-forward
+(`pods/<pod>/portforward`, WebSocket) to the pod's port 15000, as istioctl's, never through pods/proxy.
 
 The CLI runs its own event loop in a worker thread; the API server and the admin server run on the test's.
 """
@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import pytest
+from aiohttp import web
 from click.testing import Result
 from cryptography import x509
 
 from ambient.cli import ztunnel_config
 from ambient.kube.client import KubeClient, KubeConfig
 from ambient.kube.resources import ResourceTable
+from ambient.local.apiserver import ApiServer
 from ambient.local.network import NodeNet
 from ambient.local.supervisor import ZTUNNEL_NAMESPACE, ztunnel_mirror_pod
 from tests.integration import kube_fixtures
@@ -185,13 +188,38 @@ async def test_a_saved_dump_is_read_from_a_file(cluster: Cluster, tmp_path: Path
 
 
 # -- several ztunnels, and what goes wrong ------------------------------------------------------------------
-async def test_a_ztunnel_that_does_not_answer_is_the_pod_proxys_status(cluster: Cluster) -> None:
+async def test_a_ztunnel_whose_admin_port_refuses_says_so_in_one_line(cluster: Cluster) -> None:
     code, output = await cluster.run("workloads", "--node", "node-2")
     assert code == 1
-    assert output.splitlines() == [
-        "error: cannot read the config dump of ztunnel-node-2.istio-system through the API server: error trying to "
-        f"reach service: dial tcp {cluster.ips['node-2']}:15000: connect: connection refused; is ztunnel running on "
-        "node-2, its admin port listening on the pod IP?"]
+    [line] = output.splitlines()
+    # The kubelet's words on the port-forward's error channel, after ztunnel-config's own.
+    assert re.fullmatch(
+        r"error: ztunnel's admin port 15000 on pod ztunnel-node-2\.istio-system did not accept the connection: "
+        r"error forwarding port 15000 to pod ztunnel-node-2_istio-system, uid [0-9a-f-]{36}: "
+        rf"dial tcp {re.escape(cluster.ips['node-2'])}:15000: connect: connection refused", line), line
+
+
+async def test_dumps_come_through_port_forward_not_pods_proxy(cluster: Cluster,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a real cluster ztunnel's admin port listens on localhost only, which pods/proxy (it dials the pod IP)
+    cannot reach: ztunnel-config must not depend on it."""
+    async def no_pod_proxy(self: ApiServer, request: web.Request, namespace: str, target: str) -> web.Response:
+        raise AssertionError(f"ztunnel-config used pods/proxy ({request.path})")
+
+    monkeypatch.setattr(ApiServer, "_pod_proxy", no_pod_proxy)
+    code, output = await cluster.run("policies", "ztunnel-node-1")
+    assert code == 0 and "allow-sleep" in output, output
+
+
+async def test_a_refused_port_forward_is_the_api_servers_status(cluster: Cluster) -> None:
+    unscheduled = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "ztunnel-pending", "namespace": ZTUNNEL_NAMESPACE, "labels": {"app": "ztunnel"}},
+        "spec": {"containers": [{"name": "istio-proxy"}]}}
+    await cluster.client.create(unscheduled)
+    code, output = await cluster.run("workloads", "ztunnel-pending")
+    assert (code, output.splitlines()) == (1, [
+        "error: cannot port-forward to ztunnel-pending.istio-system through the API server: pod ztunnel-pending "
+        "does not have a host assigned"])
 
 
 async def test_all_nodes_shows_what_answers_and_fails_for_the_rest(cluster: Cluster) -> None:
@@ -199,7 +227,8 @@ async def test_all_nodes_shows_what_answers_and_fails_for_the_rest(cluster: Clus
     assert code == 1
     assert output.startswith("node-1 (ztunnel-node-1.istio-system):\nNAMESPACE")
     assert "allow-sleep" in output
-    assert output.splitlines()[-1].startswith("error: cannot read the config dump of ztunnel-node-2.istio-system")
+    assert output.splitlines()[-1].startswith(
+        "error: ztunnel's admin port 15000 on pod ztunnel-node-2.istio-system did not accept the connection: ")
     code, output = await cluster.run("policies", "--node", "all", "-o", "json")
     assert code == 1 and list(json.loads(output.split("error:")[0])) == ["node-1"]
 
@@ -247,5 +276,3 @@ def test_register_adds_the_command() -> None:
     group = click.Group()
     ztunnel_config.register(group)
     assert group.get_command(click.Context(group), "ztunnel-config") is ztunnel_config.ztunnel_config
-    assert ztunnel_config.proxy_path(ztunnel_config.Ztunnel("ztunnel-x", "istio-system", "n")) == \
-        "/api/v1/namespaces/istio-system/pods/ztunnel-x:15000/proxy/config_dump"
