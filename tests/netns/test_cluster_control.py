@@ -149,3 +149,63 @@ def test_l7_policy_for_ztunnel_is_served_without_l7_rules_and_says_so_in_status(
     ratings = [w for w in bookinfo_workloads(xds_dump()).values() if w.get("canonical_name") == "ratings"]
     assert ratings and all("bookinfo/get-only" in w.get("authorization_policies", []) for w in ratings)
     enrolled.ctl("delete", "authorizationpolicies", "get-only", "-n", "bookinfo")
+
+
+def test_the_mesh_root_is_published_in_every_namespace_and_repaired(enrolled: Cluster) -> None:
+    """As istiod: ConfigMap istio-ca-root-cert (root-cert.pem) in each namespace, what ztunnel and waypoint pods
+    mount on a real cluster; deleted or edited, it comes back."""
+    from ambient.local.layout import StateDir
+
+    root = StateDir(enrolled.state_dir).mesh_root_cert.read_text()
+
+    def published(namespace: str) -> bool:
+        proc = enrolled.ctl("get", "configmap", "istio-ca-root-cert", "-n", namespace, "-o", "json", check=False)
+        return proc.returncode == 0 and json.loads(proc.stdout)["data"]["root-cert.pem"] == root
+
+    for namespace in ("default", "bookinfo", "kube-system", "istio-system"):
+        eventually(lambda ns=namespace: published(ns), timeout=20, what=f"istio-ca-root-cert in {namespace}")
+    enrolled.ctl("apply", "-f", "-",
+                 stdin='{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late-arrival"}}')
+    eventually(lambda: published("late-arrival"), timeout=20, what="istio-ca-root-cert in a new namespace")
+    enrolled.ctl("delete", "configmap", "istio-ca-root-cert", "-n", "bookinfo")
+    eventually(lambda: published("bookinfo"), timeout=20, what="the deleted istio-ca-root-cert to come back")
+    enrolled.ctl("delete", "namespace", "late-arrival")
+
+
+def test_the_rendered_install_passes_the_running_api_servers_dry_run(enrolled: Cluster) -> None:
+    """Every object `ambientctl install` renders is accepted by the local cluster's API server (server-side dry
+    run: validated, defaulted, returned as it would be stored, nothing written) and reads back as rendered."""
+    from ambient.cli.install import render
+    from ambient.kube.client import KubeClient, KubeConfig
+    from ambient.kube.errors import ApiError
+    from ambient.local.layout import StateDir
+
+    def contains(live: Any, wanted: Any) -> bool:
+        if isinstance(wanted, dict):
+            return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in wanted.items())
+        if isinstance(wanted, list):
+            return isinstance(live, list) and len(live) == len(wanted) and all(map(contains, live, wanted))
+        return bool(live == wanted)
+
+    async def check() -> list[str]:
+        problems = []
+        async with KubeClient(KubeConfig.load(str(StateDir(enrolled.state_dir).kubeconfig))) as client:
+            for obj in render():
+                meta = obj["metadata"]
+                rt = await client.resource(obj["apiVersion"], obj["kind"])
+                try:
+                    await client.get(rt, meta["name"], meta.get("namespace"))
+                except ApiError as exc:
+                    assert exc.code == 404, exc
+                    stored = await client.create(obj, dry_run=True)
+                else:  # the local cluster made it already (the istio-system namespace): a dry-run patch
+                    stored = await client.patch(rt, meta["name"], obj, meta.get("namespace"), dry_run=True)
+                if not contains(stored, obj):
+                    problems.append(f"{obj['kind']}/{meta['name']}")
+                if obj["kind"] != "Namespace":
+                    with pytest.raises(ApiError) as gone:
+                        await client.get(rt, meta["name"], meta.get("namespace"))
+                    assert gone.value.code == 404, "a dry run wrote the object"
+        return problems
+
+    assert asyncio.run(check()) == []
