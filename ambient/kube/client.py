@@ -14,6 +14,7 @@ import json
 import os
 import ssl
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ Obj = dict[str, Any]
 
 IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 REQUEST_TIMEOUT = 30.0  # seconds for a non-watch request, as client-go's default for short calls
+# A token read from a file (in-cluster, kubeconfig `tokenFile`) is read again at most this often: the kubelet
+# rotates projected ServiceAccount tokens, and client-go re-reads its token file every minute too.
+TOKEN_RELOAD = 60.0
 
 
 class KubeConfigError(Exception):
@@ -41,6 +45,7 @@ class KubeConfigError(Exception):
 class KubeConfig:
     server: str
     token: str | None = None
+    token_file: str | None = None  # where `token` came from; read again as it rotates
     ca_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
@@ -69,7 +74,8 @@ class KubeConfig:
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         host = f"[{host}]" if ":" in host else host
         ns_file = IN_CLUSTER_DIR / "namespace"
-        return cls(f"https://{host}:{port}", (IN_CLUSTER_DIR / "token").read_text().strip(),
+        token_file = IN_CLUSTER_DIR / "token"
+        return cls(f"https://{host}:{port}", token_file.read_text().strip(), str(token_file),
                    str(IN_CLUSTER_DIR / "ca.crt"),
                    namespace=ns_file.read_text().strip() if ns_file.exists() else "default")
 
@@ -103,12 +109,14 @@ class KubeConfig:
                 return name
             return None
 
-        token = user.get("token")
+        token, token_file = user.get("token"), None
         if not token and user.get("tokenFile"):
-            token = Path(user["tokenFile"]).read_text().strip()
+            token_file = user["tokenFile"]
+            token = Path(token_file).read_text().strip()
         return cls(
             server=cluster["server"].rstrip("/"),
             token=token,
+            token_file=token_file,
             ca_file=file_or_data("certificate-authority", "certificate-authority-data", cluster),
             client_cert=file_or_data("client-certificate", "client-certificate-data", user),
             client_key=file_or_data("client-key", "client-key-data", user),
@@ -134,6 +142,8 @@ class KubeClient:
         self.types = ResourceTable()
         self._session: aiohttp.ClientSession | None = None
         self._discovered: set[str] = set()
+        self._token = config.token
+        self._token_read_at = time.monotonic()
 
     async def __aenter__(self) -> KubeClient:
         return self
@@ -150,14 +160,22 @@ class KubeClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             headers = {"Accept": "application/json", "User-Agent": "ambient-py"}
-            if self.config.token:
-                headers["Authorization"] = f"Bearer {self.config.token}"
             ctx = self.config.ssl_context()
             connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else False, limit=64)
             # The hook only acts on refused WebSocket upgrades (port-forward), keeping the server's Status.
             self._session = aiohttp.ClientSession(self.config.server, headers=headers, connector=connector,
                                                   raise_for_status=portforward.refused_upgrade)
         return self._session
+
+    def auth_headers(self) -> dict[str, str]:
+        """The bearer token for one request; a token file is read again every TOKEN_RELOAD seconds (a failed
+        read keeps the last token: the file is replaced atomically, so a miss is transient)."""
+        path = self.config.token_file
+        if path and time.monotonic() - self._token_read_at >= TOKEN_RELOAD:
+            self._token_read_at = time.monotonic()
+            with contextlib.suppress(OSError):
+                self._token = Path(path).read_text().strip() or self._token
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     # -- resource types --------------------------------------------------------------------------
     async def resource(self, api_version: str, kind: str) -> ResourceType:
@@ -187,6 +205,7 @@ class KubeClient:
                       content_type: str = "application/json") -> Any:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if data is not None else {}
+        headers.update(self.auth_headers())
         async with self.reaching_server(), self.session.request(
                 method, path, data=data, params=params, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as resp:
@@ -200,7 +219,8 @@ class KubeClient:
         (`/api/v1/namespaces/<ns>/pods/<pod>:<port>/proxy/<path>`): the body as sent. Errors are `ApiError`s,
         from the server's `Status` (or from the proxied answer itself) as for `request`."""
         async with self.reaching_server(), self.session.request(
-                method, path, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as resp:
+                method, path, headers=self.auth_headers(),
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)) as resp:
             body = await resp.read()
             if resp.status >= 400:
                 raise ApiError.from_status(resp.status, _payload(body.decode(errors="replace")))
@@ -272,7 +292,8 @@ class KubeClient:
                 params[key] = value
         query = urlencode(params)
         try:
-            async with self.session.get(f"{rt.path(namespace)}?{query}", timeout=aiohttp.ClientTimeout(
+            async with self.session.get(f"{rt.path(namespace)}?{query}", headers=self.auth_headers(),
+                                        timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=REQUEST_TIMEOUT, sock_read=timeout_seconds + 30)) as resp:
                 if resp.status >= 400:
                     raise ApiError.from_status(resp.status, await resp.json(content_type=None))

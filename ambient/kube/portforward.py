@@ -316,6 +316,7 @@ async def open_stream(client: KubeClient, namespace: str, pod: str, port: int) -
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             ws = await client.session.ws_connect(
                 path, params={"ports": str(port)}, protocols=(PROTOCOL,), autoping=True,
+                headers=client.auth_headers(),
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT))
     if ws.protocol not in (PROTOCOL, None):
         await ws.close()
