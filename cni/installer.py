@@ -40,7 +40,8 @@ import logging
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,6 +163,15 @@ class PluginKubeconfig:
         return True
 
 
+class _Guard:
+    """Serialises the agent's polling `ensure()` (run in a worker thread) with `uninstall()` on shutdown: a
+    cancelled poll's thread runs on, and must not write the entry back after the plugin was removed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.retired = False
+
+
 @dataclass(frozen=True)
 class Installer:
     conf_dir: Path
@@ -169,6 +179,7 @@ class Installer:
     plugin_source: Path  # an executable file, or a bundle directory holding the executable `istio-cni`
     plugin_entry: dict[str, Any]
     kubeconfig: PluginKubeconfig | None = None
+    _guard: _Guard = field(default_factory=_Guard, compare=False, repr=False)
 
     def primary_config(self) -> Path | None:
         files = sorted(p for p in self.conf_dir.glob("*") if p.suffix in CONFIG_SUFFIXES and p.is_file())
@@ -236,11 +247,17 @@ class Installer:
 
     def ensure(self) -> bool:
         """`install()` unless `installed()`: what the agent polls. True if anything changed."""
-        return False if self.installed() else self.install()
+        with self._guard.lock:
+            return False if self._guard.retired or self.installed() else self._install()
 
     def install(self) -> bool:
         """Make the plugin, its kubeconfig and its entry present; True if anything changed. The primary config
-        is checked first: without a usable one nothing is written (and no bundle hashed)."""
+        is checked first: without a usable one nothing is written (and no bundle hashed). Does nothing once
+        this installer has uninstalled."""
+        with self._guard.lock:
+            return False if self._guard.retired else self._install()
+
+    def _install(self) -> bool:
         primary = self.primary_config()
         if primary is None:
             raise InstallError(f"no CNI network config in {self.conf_dir}: the primary CNI must be installed first",
@@ -324,6 +341,11 @@ class Installer:
                 log.info("removed plugin version %s", path)
 
     def uninstall(self) -> None:
+        with self._guard.lock:
+            self._guard.retired = True
+            self._uninstall()
+
+    def _uninstall(self) -> None:
         primary = self.primary_config()
         if primary is not None:
             try:

@@ -186,9 +186,8 @@ def control_objects(v: InstallValues) -> list[Obj]:
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, ns),
         "spec": {"replicas": 1, "selector": _selector(name), "template": {
-            "metadata": {"labels": {"app": name, "istio.io/dataplane-mode": "none"},
-                         "annotations": {"prometheus.io/scrape": "true",
-                                         "prometheus.io/port": str(CONTROL_MONITORING_PORT)}},
+            # No scrape annotations: 15014 serves /ready and /debug, not metrics.
+            "metadata": {"labels": {"app": name, "istio.io/dataplane-mode": "none"}},
             "spec": {"serviceAccountName": name, "containers": [container]}}},
     }
     service = {
@@ -221,6 +220,10 @@ def cni_node_objects(v: InstallValues) -> list[Obj]:
                 _field_env("POD_NAMESPACE", "metadata.namespace")],
         "ports": [{"name": "health", "containerPort": CNI_HEALTH_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": CNI_METRICS_PORT, "protocol": "TCP"}],
+        # Start-up (informer sync, finding enrolled pods in /proc) may take a while on a busy node: liveness only
+        # counts once /healthz first answered, within 2 minutes.
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": CNI_HEALTH_PORT}, "periodSeconds": 2,
+                         "failureThreshold": 60},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": CNI_HEALTH_PORT}, "periodSeconds": 10},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": CNI_HEALTH_PORT}, "periodSeconds": 3},
         # Root, not privileged: it enters pod netns (setns: SYS_ADMIN) to install rules (NET_ADMIN), opens
@@ -426,10 +429,19 @@ async def apply_objects(client: KubeClient, objs: list[Obj], echo: Callable[[str
         echo(f"{label} configured")
 
 
+def waypoint_binding() -> Obj:
+    """The ClusterRoleBinding ambient-control keeps for waypoint ServiceAccounts: not rendered (it would fight the
+    controller), but part of the install, so `uninstall` removes it."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": WAYPOINT_CLUSTER_ROLE}}
+
+
 async def delete_objects(client: KubeClient, objs: list[Obj], echo: Callable[[str], None]) -> None:
     """Delete each object (in reverse apply order) that exists; the Namespace is kept, with the mesh CA's
-    Secret in it, so that a reinstall keeps the same root and every workload certificate stays valid."""
-    for obj in reversed(objs):
+    Secret in it, so that a reinstall keeps the same root and every workload certificate stays valid. The
+    DaemonSets go before their ServiceAccounts and RBAC: each node agent then finds its DaemonSet gone and
+    takes the CNI plugin out of its node's CNI config."""
+    for obj in [*reversed(objs), waypoint_binding()]:
         meta = obj["metadata"]
         label = f"{obj['kind'].lower()}/{meta['name']}"
         if obj["kind"] == "Namespace":

@@ -240,7 +240,9 @@ def waypoint_objects(gateway: Obj, template: WaypointTemplate = WaypointTemplate
         # Istio's waypoint: every port is above 1024 and nothing is written, so no privilege at all.
         "securityContext": {"runAsNonRoot": True, "runAsUser": PROXY_UID, "runAsGroup": PROXY_UID,
                             "allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
+                            "capabilities": {"drop": ["ALL"]},
+                            # Admitted where Pod Security "restricted" is enforced.
+                            "seccompProfile": {"type": "RuntimeDefault"}},
     }
     service_account = {"apiVersion": "v1", "kind": "ServiceAccount",
                        "metadata": {**copy.deepcopy(owned_meta), "labels": {**infra, **fixed}}}

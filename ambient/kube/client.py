@@ -8,6 +8,7 @@ for kinds it does not know). Errors are `ApiError`, carrying the server's `Statu
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import json
@@ -103,9 +104,12 @@ class KubeConfig:
             if source.get(file_key):
                 return str((path.parent / source[file_key]).resolve())
             if source.get(data_key):
+                # ssl loads certificates and keys from files: a private temporary one (0600), removed at exit
+                # so that a client key does not stay behind in /tmp after every command.
                 fd, name = tempfile.mkstemp(prefix="kube-", suffix=".pem")
                 os.write(fd, base64.b64decode(source[data_key]))
                 os.close(fd)
+                atexit.register(_remove_quietly, name)
                 return name
             return None
 
@@ -134,6 +138,11 @@ class KubeConfig:
         if self.client_cert:
             ctx.load_cert_chain(self.client_cert, self.client_key)
         return ctx
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 class KubeClient:

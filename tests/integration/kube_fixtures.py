@@ -9,7 +9,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from click.testing import CliRunner, Result
@@ -83,3 +83,13 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeou
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last saw {last!r}")
         await asyncio.sleep(POLL)
+
+
+def contains(live: Any, wanted: Any) -> bool:
+    """Everything `wanted` says is in `live` (a server may add defaults and metadata): how a test checks that
+    an object round-tripped through an API server."""
+    if isinstance(wanted, dict):
+        return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(live, list) and len(live) == len(wanted) and all(map(contains, live, wanted))
+    return bool(live == wanted)

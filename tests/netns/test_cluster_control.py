@@ -179,13 +179,7 @@ def test_the_rendered_install_passes_the_running_api_servers_dry_run(enrolled: C
     from ambient.kube.client import KubeClient, KubeConfig
     from ambient.kube.errors import ApiError
     from ambient.local.layout import StateDir
-
-    def contains(live: Any, wanted: Any) -> bool:
-        if isinstance(wanted, dict):
-            return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in wanted.items())
-        if isinstance(wanted, list):
-            return isinstance(live, list) and len(live) == len(wanted) and all(map(contains, live, wanted))
-        return bool(live == wanted)
+    from tests.integration.kube_fixtures import contains
 
     async def check() -> list[str]:
         problems = []

@@ -13,7 +13,7 @@ from click.testing import Result
 from ambient.cli.install import InstallValues, render
 from ambient.kube.client import KubeClient, KubeConfig
 from tests.integration import kube_fixtures
-from tests.integration.kube_fixtures import local_apiserver, write_kubeconfig
+from tests.integration.kube_fixtures import contains, local_apiserver, write_kubeconfig
 
 Obj = dict[str, Any]
 TOKEN = "test-token"
@@ -30,15 +30,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[KubeClient, Path]]:
 
 async def ambientctl(kubeconfig: Path, *args: str) -> Result:
     return await kube_fixtures.ambientctl(kubeconfig, *args, timeout=WAIT)
-
-
-def contains(live: Any, wanted: Any) -> bool:
-    """Everything rendered is in the live object (the server may add defaults and metadata)."""
-    if isinstance(wanted, dict):
-        return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in wanted.items())
-    if isinstance(wanted, list):
-        return isinstance(live, list) and len(live) == len(wanted) and all(map(contains, live, wanted))
-    return bool(live == wanted)
 
 
 async def test_install_creates_every_object_and_it_round_trips(cluster: tuple[KubeClient, Path]) -> None:
@@ -78,10 +69,17 @@ async def test_uninstall_deletes_everything_but_the_namespace_and_is_idempotent(
     secrets = await client.resource("v1", "Secret")
     await client.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "cacerts", "namespace": "mesh"},
                          "data": {}})
+    await client.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",  # the controller's
+                         "metadata": {"name": "ambient-waypoint"},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                     "name": "ambient-waypoint"}, "subjects": []})
     result = await ambientctl(kubeconfig, "uninstall", "-n", "mesh")
     assert result.exit_code == 0, result.output
     objs = render(InstallValues(namespace="mesh"))
-    assert result.output.count(" deleted\n") == len(objs) - 1
+    assert result.output.count(" deleted\n") == len(objs)  # all but the namespace, plus the waypoint binding
+    assert "clusterrolebinding/ambient-waypoint deleted" in result.output
+    lines = result.output.splitlines()
+    assert lines.index("daemonset/ambient-cni-node deleted") < lines.index("serviceaccount/ambient-cni-node deleted")
     assert "namespace/mesh kept" in result.output
     for obj in objs[1:]:
         rt = await client.resource(obj["apiVersion"], obj["kind"])

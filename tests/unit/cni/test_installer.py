@@ -130,6 +130,10 @@ def test_uninstall_removes_everything_it_added(dirs: tuple[Path, Path, Path], tm
     assert not (bin_dir / PLUGIN_TYPE).exists() and not (tmp_path / "run" / KUBECONFIG_NAME).exists()
     assert not (conf / LEGACY_KUBECONFIG_NAME).exists()
     inst.uninstall()  # idempotent
+    # A poll still running in its thread when the agent shut down must not put the plugin back.
+    assert inst.ensure() is False and inst.install() is False
+    assert json.loads((conf / "10-net.conflist").read_text())["plugins"] == [{"type": "bridge"}]
+    assert not (bin_dir / PLUGIN_TYPE).exists()
 
 
 def test_no_primary_config_or_garbage_is_an_actionable_error(dirs: tuple[Path, Path, Path]) -> None:
