@@ -53,13 +53,6 @@ HOST_CNI_BIN, HOST_CNI_CONF = "/opt/cni/bin", "/etc/cni/net.d"
 # deploy/ file → which objects it holds, in apply order (namespace first, class last).
 FILES = ("namespace.yaml", "control.yaml", "cni-node.yaml", "ztunnel.yaml", "waypoint-rbac.yaml",
          "gatewayclass.yaml")
-REQUIRED_CRDS = (
-    "gateways.gateway.networking.k8s.io", "gatewayclasses.gateway.networking.k8s.io",
-    "httproutes.gateway.networking.k8s.io",
-    "authorizationpolicies.security.istio.io", "peerauthentications.security.istio.io",
-    "requestauthentications.security.istio.io",
-    "virtualservices.networking.istio.io", "destinationrules.networking.istio.io",
-)
 
 
 @dataclass(frozen=True)
