@@ -146,26 +146,27 @@ async def role_backend(spec: dict[str, Any]) -> None:
         await until_stdin_closes()
 
 
+async def relay_to_target(request: ConnectRequest) -> None:
+    """A CONNECT relayed to its authority over TCP, as ztunnel's inbound does (no policy); 503 if it refuses."""
+    ip, port = request.target
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (ip, port))
+        app = await TcpStream.from_socket(sock)
+    except OSError:
+        sock.close()
+        request.respond(503)
+        return
+    with contextlib.suppress(HboneError, OSError):
+        await relay(request.respond(200), app, noop, noop)
+
+
 async def role_in(spec: dict[str, Any]) -> None:
     """Our HBONE server: every CONNECT is relayed to its authority over TCP (ztunnel inbound, no policy)."""
     cert = load_cert(spec["cert"])
-
-    async def handler(request: ConnectRequest) -> None:
-        ip, port = request.target
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
-            app = await TcpStream.from_socket(sock)  # as ztunnel's inbound does
-        except OSError:
-            sock.close()
-            request.respond(503)
-            return
-        with contextlib.suppress(HboneError, OSError):
-            await relay(request.respond(200), app, noop, noop)
-
-    server = HboneServer(lambda _ip: cert, handler)
+    server = HboneServer(lambda _ip: cert, relay_to_target)
     sock = socket.create_server((LOCALHOST, 0), backlog=1024)
     print(json.dumps({"ports": {"hbone": sock.getsockname()[1]}}), flush=True)
     serving = asyncio.ensure_future(server.serve(sock))
@@ -425,8 +426,9 @@ def issue(signer: CaSigner, identity: SpiffeId) -> WorkloadCertificate:
 
 
 def write_cert_json(cert: WorkloadCertificate, path: Path) -> str:
+    """The certificate and key as a 0600 JSON file a child process reads back with `load_cert`."""
+    path.touch(mode=0o600)
     path.write_text(json.dumps({"identity": str(cert.identity), "key": cert.key_pem, "chain": list(cert.cert_chain)}))
-    path.chmod(0o600)
     return str(path)
 
 

@@ -44,6 +44,7 @@ from ambient.identity.spiffe import SpiffeId
 from ambient.proto import workload_pb2
 from ambient.telemetry.logs import setup_logging
 from ambient.xds.store import StoreChanges, WorkloadStore
+from bench.hbone_throughput import load_cert
 from waypoint.app import Waypoint
 from waypoint.config import WaypointConfig
 from waypoint.sources import L7Objects
@@ -122,22 +123,10 @@ def virtual_service() -> dict[str, Any]:
                               {"name": ROUTE_NAMES[1], "route": [destination]}]}}
 
 
-# -- certificates as files ----------------------------------------------------------------------------------
-def write_cert(cert: WorkloadCertificate, path: Path) -> str:
-    path.touch(mode=0o600)
-    path.write_text(json.dumps({"identity": str(cert.identity), "key": cert.key_pem, "chain": list(cert.cert_chain)}))
-    return str(path)
-
-
-def read_cert(path: str) -> WorkloadCertificate:
-    data = json.loads(Path(path).read_text())
-    return WorkloadCertificate.from_chain(SpiffeId.parse(data["identity"]), data["key"], data["chain"])
-
-
 # -- the process ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Spec:
-    cert: str  # write_cert's JSON file with the waypoint's certificate
+    cert: str  # write_cert_json's JSON file with the waypoint's certificate
     pod_ip: str  # the endpoint pod's IP (its HBONE terminator listens on <pod_ip>:15008)
     target_port: int  # the backend's port on the pod
     access_log: bool = True
@@ -209,7 +198,7 @@ async def until_stdin_closes() -> None:
 
 
 async def serve(spec: Spec) -> None:
-    cert = read_cert(spec.cert)
+    cert = load_cert(spec.cert)
 
     async def certificate() -> WorkloadCertificate:
         return cert

@@ -76,13 +76,24 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench.*` when run as a script
 
-from ambient.hbone import ConnectRequest, HboneClient, HboneError, HboneServer, HboneStream
+from ambient.hbone import HboneClient, HboneError, HboneServer, HboneStream
 from ambient.hbone.headers import forwarded_for
 from ambient.identity.certs import WorkloadCertificate
 from ambient.identity.signer import CaSigner
-from ambient.relay import TcpStream, relay
 from bench.envoy import EnvoyError, EnvoyProcess, TlsFiles, _address, _admin_get, envoy_binary
-from bench.hbone_throughput import CpuMeter, fmt, issue, med, noop, ratio, run, spread, until_stdin_closes
+from bench.hbone_throughput import (
+    CpuMeter,
+    fmt,
+    issue,
+    load_cert,
+    med,
+    ratio,
+    relay_to_target,
+    run,
+    spread,
+    until_stdin_closes,
+    write_cert_json,
+)
 from bench.waypoint_harness import (
     CLIENT_IP,
     HOST,
@@ -94,8 +105,6 @@ from bench.waypoint_harness import (
     SERVICE_PORT,
     SERVICE_VIP,
     TD,
-    read_cert,
-    write_cert,
 )
 from samples.loadclient.pacing import Pacing, drive
 from samples.loadclient.result import LoadResult
@@ -162,22 +171,7 @@ async def role_backend(spec: dict[str, Any]) -> None:
 
 async def role_terminator(spec: dict[str, Any]) -> None:
     """The backend pod's ztunnel: every CONNECT relayed to its authority over TCP (no policy)."""
-    cert = read_cert(spec["cert"])
-
-    async def handler(request: ConnectRequest) -> None:
-        ip, port = request.target
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, (ip, port))
-            app = await TcpStream.from_socket(sock)
-        except OSError:
-            sock.close()
-            request.respond(503)
-            return
-        with contextlib.suppress(HboneError, OSError):
-            await relay(request.respond(200), app, noop, noop)
+    cert = load_cert(spec["cert"])
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -188,7 +182,7 @@ async def role_terminator(spec: dict[str, Any]) -> None:
         raise SystemExit(f"terminator: cannot listen on {spec['ip']}:{HBONE_PORT} ({exc.strerror}): another bench "
                          f"run, or something on 0.0.0.0:{HBONE_PORT}? Check `ss -ltn`, or pass --pod-ip") from None
     sock.listen(1024)
-    server = HboneServer(lambda _ip: cert, handler)
+    server = HboneServer(lambda _ip: cert, relay_to_target)
     print(json.dumps({"ports": {"hbone": HBONE_PORT}}), flush=True)
     serving = asyncio.ensure_future(server.serve(sock))
     await until_stdin_closes()
@@ -499,7 +493,7 @@ async def build(rig: Rig, args: argparse.Namespace) -> None:
     me = str(Path(__file__).resolve())
     backend = await rig.child("backend", [me, "--role", "backend", "--spec", json.dumps({"ip": args.pod_ip})])
     target_port = backend.ports["backend"]
-    terminator_spec = {"ip": args.pod_ip, "cert": write_cert(certs["backend"], workdir / "backend.json")}
+    terminator_spec = {"ip": args.pod_ip, "cert": write_cert_json(certs["backend"], workdir / "backend.json")}
     await rig.child("terminator", [me, "--role", "terminator", "--spec", json.dumps(terminator_spec)])
     rig.paths.append(PathSpec("direct", Target((args.pod_ip, HBONE_PORT), f"{args.pod_ip}:{target_port}",
                                                str(IDS["backend"])), None))
@@ -513,7 +507,7 @@ async def build(rig: Rig, args: argparse.Namespace) -> None:
         rig.pids["envoy"] = envoy.pid
         rig.paths.append(PathSpec("envoy", Target((LOCALHOST, envoy.port("connect_terminate")), service,
                                                   str(IDS["envoy"])), "envoy"))
-    waypoint_cert = write_cert(certs["waypoint"], workdir / "waypoint.json")
+    waypoint_cert = write_cert_json(certs["waypoint"], workdir / "waypoint.json")
     for variant in args.waypoints:
         name = waypoint_path_name(variant)
         spec = {"cert": waypoint_cert, "pod_ip": args.pod_ip, "target_port": target_port,
