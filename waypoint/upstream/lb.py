@@ -12,11 +12,11 @@ Policies (Istio `loadBalancer.simple` / `consistentHash`):
   *distinct* random endpoints, the one with fewer active requests wins (Envoy samples with replacement;
   sampling distinct ones never wastes a choice). Active counts come from `started`/`finished`.
 - RANDOM: uniform.
-- consistentHash: a ring where every endpoint gets `minimum_ring_size` virtual nodes placed by hashing its uid, so an
-  endpoint's positions never depend on its peers: removing one of N endpoints moves only the keys it
-  owned (~1/N). A request without a key (header/cookie/parameter absent) lands on a random point, as in
-  Envoy. PASSTHROUGH and MAGLEV are not implemented: PASSTHROUGH falls back to the default, a maglev
-  table to the ring (same key → same endpoint either way).
+- consistentHash: a ring where every endpoint gets DEFAULT_MINIMUM_RING_SIZE virtual nodes placed by
+  hashing its uid, so an endpoint's positions never depend on its peers: removing one of N endpoints
+  moves only the keys it owned (~1/N). A request without a key (header/cookie/parameter absent) lands
+  on a random point, as in Envoy. PASSTHROUGH and MAGLEV are not implemented: PASSTHROUGH falls back to
+  the default, a maglev table to the ring (same key → same endpoint either way).
 
 Retries: `exclude` holds the uids already tried; every balancer avoids them while another endpoint is
 left. Istio drops the previous-hosts retry predicate under consistent hashing (a retry stays on the
@@ -26,25 +26,22 @@ hashed endpoint), so the caller should pass `exclude` only when `balancer.retrie
 from __future__ import annotations
 
 import bisect
-import enum
 import hashlib
 import heapq
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qsl
 
 from waypoint.http.message import RequestHeadLike
+from waypoint.routing.model import DEFAULT_LOAD_BALANCER, HashCookie, LbAlgorithm, LoadBalancer
 from waypoint.upstream.endpoints import Endpoint
 
 ROUND_ROBIN = "ROUND_ROBIN"
 LEAST_REQUEST = "LEAST_REQUEST"
 RANDOM = "RANDOM"
 RING_HASH = "RING_HASH"
-# Istio's default since 1.14 when `simple` is unset or UNSPECIFIED; LEAST_CONN is the deprecated name.
-DEFAULT_POLICY = LEAST_REQUEST
-_ALIASES = {"LEAST_CONN": LEAST_REQUEST, "UNSPECIFIED": DEFAULT_POLICY, "PASSTHROUGH": DEFAULT_POLICY}
 # Envoy's and Istio's default minimum ring size. We give *each* endpoint this many virtual nodes (Envoy
 # divides it among the endpoints) so that positions do not move when peers come and go.
 DEFAULT_MINIMUM_RING_SIZE = 1024
@@ -52,37 +49,6 @@ DEFAULT_MINIMUM_RING_SIZE = 1024
 MAXIMUM_RING_SIZE = 8 * 1024 * 1024
 
 _RNG = random.Random()
-
-
-# --- what we read from the routing model (waypoint/routing/model.py), duck-typed ----------------------
-
-class CookieSettings(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def path(self) -> str | None: ...
-    @property
-    def ttl(self) -> float | None: ...          # seconds; None = never generate, 0 = session cookie
-
-
-class ConsistentHashSettings(Protocol):
-    """Exactly one of the four keys is set (Istio's oneof). `minimum_ring_size` is read if present."""
-
-    @property
-    def header(self) -> str | None: ...             # httpHeaderName
-    @property
-    def cookie(self) -> CookieSettings | None: ...
-    @property
-    def use_source_ip(self) -> bool: ...
-    @property
-    def query_parameter(self) -> str | None: ...
-
-
-class LoadBalancerSettings(Protocol):
-    @property
-    def simple(self) -> str | enum.Enum | None: ...
-    @property
-    def consistent_hash(self) -> ConsistentHashSettings | None: ...
 
 
 # --- hash keys ---------------------------------------------------------------------------------------
@@ -96,7 +62,7 @@ class HashKey:
     set_cookie: str | None = None
 
 
-def hash_key(policy: LoadBalancerSettings | None, head: RequestHeadLike, source_ip: str | None, *,
+def hash_key(policy: LoadBalancer | None, head: RequestHeadLike, source_ip: str | None, *,
              rng: random.Random | None = None) -> HashKey | None:
     """The consistent-hash key of a request, or None (not a consistent-hash policy, or the header,
     cookie, source IP or query parameter is absent: the ring then picks a random endpoint).
@@ -105,19 +71,18 @@ def hash_key(policy: LoadBalancerSettings | None, head: RequestHeadLike, source_
     and returned as `Set-Cookie: <name>="<value>"; Max-Age=<ttl>; Path=<path>; HttpOnly` (no Max-Age
     when ttl is 0: a session cookie), so the next request carrying it lands on the same endpoint.
     """
-    settings = getattr(policy, "consistent_hash", None) if policy is not None else None
+    settings = policy.consistent_hash if policy is not None else None
     if settings is None:
         return None
-    header_name = getattr(settings, "header", None)
+    header_name = settings.header
     if header_name:
         values = _header_values(head, header_name.lower())
         return HashKey(_hash64("\n".join(sorted(values)))) if values else None
-    cookie = getattr(settings, "cookie", None)
-    if cookie is not None:
-        return _cookie_key(cookie, head, rng or _RNG)
-    if getattr(settings, "use_source_ip", False):
+    if settings.cookie is not None:
+        return _cookie_key(settings.cookie, head, rng or _RNG)
+    if settings.use_source_ip:
         return HashKey(_hash64(source_ip)) if source_ip else None
-    parameter = getattr(settings, "query_parameter", None)
+    parameter = settings.query_parameter
     if parameter:
         _, _, query = head.path.partition("?")
         value = next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == parameter), None)
@@ -136,11 +101,11 @@ def _header_values(head: RequestHeadLike, name: str) -> list[str]:
     return head.headers.get_all(name)
 
 
-def _cookie_key(cookie: CookieSettings, head: RequestHeadLike, rng: random.Random) -> HashKey | None:
+def _cookie_key(cookie: HashCookie, head: RequestHeadLike, rng: random.Random) -> HashKey | None:
     value = _find_cookie(head.headers.get_all("cookie"), cookie.name)
     if value is not None:
         return HashKey(_hash64(value))
-    ttl = getattr(cookie, "ttl", None)
+    ttl = cookie.ttl
     if ttl is None:
         return None
     value = f"{rng.getrandbits(64):016x}"
@@ -301,26 +266,15 @@ class RingHashBalancer(Balancer):
                 "virtual_nodes_per_endpoint": self.nodes_per_endpoint}
 
 
-def make_balancer(policy: LoadBalancerSettings | None, *, rng: random.Random | None = None) -> Balancer:
-    """The balancer for a DestinationRule `loadBalancer` (None → Istio's default, LEAST_REQUEST)."""
+def make_balancer(policy: LoadBalancer | None, *, rng: random.Random | None = None) -> Balancer:
+    """The balancer for a DestinationRule `loadBalancer` (None → Istio's default, LEAST_REQUEST; PASSTHROUGH
+    falls back to it too, see the module docstring)."""
     rng = rng or random.Random()
-    settings = getattr(policy, "consistent_hash", None) if policy is not None else None
-    if settings is not None:
-        ring_size = getattr(settings, "minimum_ring_size", None) or DEFAULT_MINIMUM_RING_SIZE
-        return RingHashBalancer(rng, int(ring_size))
-    name = policy_name(getattr(policy, "simple", None) if policy is not None else None)
-    if name == ROUND_ROBIN:
+    policy = policy or DEFAULT_LOAD_BALANCER
+    if policy.consistent_hash is not None:
+        return RingHashBalancer(rng, DEFAULT_MINIMUM_RING_SIZE)  # `minimumRingSize` is ignored (routing README)
+    if policy.simple is LbAlgorithm.ROUND_ROBIN:
         return RoundRobinBalancer(rng)
-    if name == RANDOM:
+    if policy.simple is LbAlgorithm.RANDOM:
         return RandomBalancer(rng)
     return LeastRequestBalancer(rng)
-
-
-def policy_name(simple: str | enum.Enum | None) -> str:
-    """`simple` as given (a string or an enum member, any case) → ROUND_ROBIN | LEAST_REQUEST | RANDOM;
-    unset, UNSPECIFIED, PASSTHROUGH and unknown names give the default."""
-    if simple is None:
-        return DEFAULT_POLICY
-    text = (simple.name if isinstance(simple, enum.Enum) else str(simple)).upper()
-    text = _ALIASES.get(text, text)
-    return text if text in (ROUND_ROBIN, LEAST_REQUEST, RANDOM) else DEFAULT_POLICY

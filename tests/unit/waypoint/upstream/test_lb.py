@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from types import MappingProxyType
 
 import pytest
 
+from waypoint.routing.model import ConsistentHash, HashCookie, LbAlgorithm, LoadBalancer
 from waypoint.upstream.endpoints import Endpoint
 from waypoint.upstream.lb import (
     DEFAULT_MINIMUM_RING_SIZE,
@@ -20,7 +20,6 @@ from waypoint.upstream.lb import (
     RoundRobinBalancer,
     hash_key,
     make_balancer,
-    policy_name,
 )
 
 
@@ -31,28 +30,6 @@ def endpoint(name: str) -> Endpoint:
 
 
 PODS = [endpoint(f"reviews-{i}") for i in range(4)]
-
-
-@dataclass(frozen=True)
-class Cookie:
-    name: str
-    path: str | None = None
-    ttl: float | None = None
-
-
-@dataclass(frozen=True)
-class ConsistentHash:
-    header: str | None = None
-    cookie: Cookie | None = None
-    use_source_ip: bool = False
-    query_parameter: str | None = None
-    minimum_ring_size: int | None = None
-
-
-@dataclass(frozen=True)
-class LbSettings:
-    simple: str | enum.Enum | None = None
-    consistent_hash: ConsistentHash | None = None
 
 
 class FakeHeaders:
@@ -82,42 +59,29 @@ def rng() -> random.Random:
 
 # --- policy selection ----------------------------------------------------------------------------------
 
-class Simple(enum.Enum):
-    ROUND_ROBIN = 1
-    RANDOM = 2
-
-
 @pytest.mark.parametrize(("settings", "kind"), [
     (None, LeastRequestBalancer),
-    (LbSettings(), LeastRequestBalancer),
-    (LbSettings(simple="UNSPECIFIED"), LeastRequestBalancer),
-    (LbSettings(simple="ROUND_ROBIN"), RoundRobinBalancer),
-    (LbSettings(simple="round_robin"), RoundRobinBalancer),
-    (LbSettings(simple=Simple.ROUND_ROBIN), RoundRobinBalancer),
-    (LbSettings(simple=Simple.RANDOM), RandomBalancer),
-    (LbSettings(simple="LEAST_CONN"), LeastRequestBalancer),
-    (LbSettings(simple="LEAST_REQUEST"), LeastRequestBalancer),
-    (LbSettings(simple="PASSTHROUGH"), LeastRequestBalancer),
-    (LbSettings(consistent_hash=ConsistentHash(use_source_ip=True)), RingHashBalancer),
+    (LoadBalancer(), LeastRequestBalancer),  # Istio's default (unset, UNSPECIFIED, LEAST_CONN parse to it)
+    (LoadBalancer(LbAlgorithm.LEAST_REQUEST), LeastRequestBalancer),
+    (LoadBalancer(LbAlgorithm.ROUND_ROBIN), RoundRobinBalancer),
+    (LoadBalancer(LbAlgorithm.RANDOM), RandomBalancer),
+    (LoadBalancer(LbAlgorithm.PASSTHROUGH), LeastRequestBalancer),  # not implemented: the default
+    (LoadBalancer(consistent_hash=ConsistentHash(use_source_ip=True)), RingHashBalancer),
 ])
-def test_make_balancer_follows_the_destination_rule(settings: LbSettings | None, kind: type) -> None:
+def test_make_balancer_follows_the_destination_rule(settings: LoadBalancer | None, kind: type) -> None:
     assert type(make_balancer(settings, rng=rng())) is kind
 
 
-def test_policy_name_defaults_unknown_names() -> None:
-    assert policy_name("MAGIC") == "LEAST_REQUEST"
-
-
 def test_every_balancer_returns_none_without_endpoints() -> None:
-    for settings in (LbSettings("ROUND_ROBIN"), LbSettings("RANDOM"), None,
-                     LbSettings(consistent_hash=ConsistentHash(header="x"))):
+    for settings in (LoadBalancer(LbAlgorithm.ROUND_ROBIN), LoadBalancer(LbAlgorithm.RANDOM), None,
+                     LoadBalancer(consistent_hash=ConsistentHash(header="x"))):
         assert make_balancer(settings, rng=rng()).pick([]) is None
 
 
 # --- round robin ---------------------------------------------------------------------------------------
 
 def test_round_robin_is_an_exact_rotation() -> None:
-    balancer = make_balancer(LbSettings("ROUND_ROBIN"), rng=rng())
+    balancer = make_balancer(LoadBalancer(LbAlgorithm.ROUND_ROBIN), rng=rng())
     picks = [balancer.pick(PODS) for _ in range(400)]
     assert Counter(p.uid for p in picks if p) == {p.uid: 100 for p in PODS}
     for start in range(0, 400, 4):
@@ -125,14 +89,15 @@ def test_round_robin_is_an_exact_rotation() -> None:
 
 
 def test_round_robin_start_differs_between_waypoints() -> None:
-    starts = {make_balancer(LbSettings("ROUND_ROBIN"), rng=random.Random(seed)).pick(PODS) for seed in range(20)}
+    policy = LoadBalancer(LbAlgorithm.ROUND_ROBIN)
+    starts = {make_balancer(policy, rng=random.Random(seed)).pick(PODS) for seed in range(20)}
     assert len(starts) > 1
 
 
 # --- random --------------------------------------------------------------------------------------------
 
 def test_random_is_uniform_within_tolerance() -> None:
-    balancer = make_balancer(LbSettings("RANDOM"), rng=rng())
+    balancer = make_balancer(LoadBalancer(LbAlgorithm.RANDOM), rng=rng())
     counts = Counter(p.uid for p in (balancer.pick(PODS) for _ in range(10_000)) if p)
     assert all(abs(n - 2500) < 150 for n in counts.values()), counts
 
@@ -152,7 +117,7 @@ def test_least_request_never_picks_the_busy_endpoint_while_an_idle_one_is_sample
 
 
 def test_least_request_spreads_in_flight_requests_evenly() -> None:
-    balancer = make_balancer(LbSettings("LEAST_REQUEST"), rng=rng())
+    balancer = make_balancer(LoadBalancer(LbAlgorithm.LEAST_REQUEST), rng=rng())
     for _ in range(400):
         chosen = balancer.pick(PODS)
         assert chosen is not None
@@ -175,9 +140,9 @@ def test_finished_requests_are_no_longer_counted() -> None:
 
 # --- retries prefer other endpoints --------------------------------------------------------------------
 
-@pytest.mark.parametrize("simple", ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"])
-def test_retries_avoid_tried_endpoints_while_others_remain(simple: str) -> None:
-    balancer = make_balancer(LbSettings(simple), rng=rng())
+@pytest.mark.parametrize("simple", [LbAlgorithm.ROUND_ROBIN, LbAlgorithm.RANDOM, LbAlgorithm.LEAST_REQUEST])
+def test_retries_avoid_tried_endpoints_while_others_remain(simple: LbAlgorithm) -> None:
+    balancer = make_balancer(LoadBalancer(simple), rng=rng())
     tried = {PODS[0].uid, PODS[1].uid}
     assert {p.uid for p in (balancer.pick(PODS, exclude=tried) for _ in range(200)) if p} == \
         {PODS[2].uid, PODS[3].uid}
@@ -189,13 +154,13 @@ def test_retries_avoid_tried_endpoints_while_others_remain(simple: str) -> None:
 # --- ring hash -----------------------------------------------------------------------------------------
 
 def ring() -> RingHashBalancer:
-    balancer = make_balancer(LbSettings(consistent_hash=ConsistentHash(header="x-user")), rng=rng())
+    balancer = make_balancer(LoadBalancer(consistent_hash=ConsistentHash(header="x-user")), rng=rng())
     assert isinstance(balancer, RingHashBalancer)
     return balancer
 
 
 def keys(count: int) -> list[HashKey]:
-    settings = LbSettings(consistent_hash=ConsistentHash(header="x-user"))
+    settings = LoadBalancer(consistent_hash=ConsistentHash(header="x-user"))
     found = [hash_key(settings, Head(headers=FakeHeaders([("x-user", f"user-{i}")])), None) for i in range(count)]
     return [k for k in found if k is not None]
 
@@ -243,9 +208,8 @@ def test_ring_hash_exclude_walks_to_the_next_endpoint() -> None:
         assert retry == balancer.pick([p for p in PODS if p != hashed], key)
 
 
-def test_ring_size_follows_minimum_ring_size() -> None:
-    balancer = make_balancer(LbSettings(consistent_hash=ConsistentHash(use_source_ip=True, minimum_ring_size=64)),
-                             rng=rng())
+def test_ring_size_is_virtual_nodes_per_endpoint() -> None:
+    balancer = RingHashBalancer(rng(), 64)
     balancer.pick(PODS, HashKey(1))
     assert balancer.describe()["ring_size"] == 4 * 64
     default = ring()
@@ -255,13 +219,13 @@ def test_ring_size_follows_minimum_ring_size() -> None:
 
 # --- hash keys -----------------------------------------------------------------------------------------
 
-def settings_with(**kwargs: object) -> LbSettings:
-    return LbSettings(consistent_hash=ConsistentHash(**kwargs))  # type: ignore[arg-type]
+def settings_with(**kwargs: object) -> LoadBalancer:
+    return LoadBalancer(consistent_hash=ConsistentHash(**kwargs))  # type: ignore[arg-type]
 
 
 def test_no_hash_key_without_consistent_hash() -> None:
     assert hash_key(None, Head(), "10.0.0.9") is None
-    assert hash_key(LbSettings("ROUND_ROBIN"), Head(), "10.0.0.9") is None
+    assert hash_key(LoadBalancer(LbAlgorithm.ROUND_ROBIN), Head(), "10.0.0.9") is None
 
 
 def test_header_key_is_case_insensitive_and_absent_header_gives_none() -> None:
@@ -290,7 +254,7 @@ def test_query_parameter_key() -> None:
 
 
 def test_cookie_key_present_quoted_or_not() -> None:
-    settings = settings_with(cookie=Cookie("session", ttl=60))
+    settings = settings_with(cookie=HashCookie("session", ttl=60))
     plain = hash_key(settings, Head(headers=FakeHeaders([("cookie", "a=1; session=abc")])), None)
     quoted = hash_key(settings, Head(headers=FakeHeaders([("cookie", "a=1"), ("cookie", 'session="abc"')])), None)
     assert plain is not None and plain == quoted
@@ -298,7 +262,7 @@ def test_cookie_key_present_quoted_or_not() -> None:
 
 
 def test_missing_cookie_with_ttl_is_generated_and_routes_like_the_returned_cookie() -> None:
-    settings = settings_with(cookie=Cookie("session", path="/", ttl=3600))
+    settings = settings_with(cookie=HashCookie("session", path="/", ttl=3600))
     generated = hash_key(settings, Head(), None, rng=random.Random(7))
     assert generated is not None and generated.set_cookie is not None
     name_value, *attributes = generated.set_cookie.split("; ")
@@ -311,19 +275,7 @@ def test_missing_cookie_with_ttl_is_generated_and_routes_like_the_returned_cooki
 
 
 def test_missing_cookie_without_ttl_gives_no_key_and_ttl_zero_is_a_session_cookie() -> None:
-    assert hash_key(settings_with(cookie=Cookie("session")), Head(), None) is None
-    session = hash_key(settings_with(cookie=Cookie("session", ttl=0)), Head(), None, rng=random.Random(1))
+    assert hash_key(settings_with(cookie=HashCookie("session")), Head(), None) is None
+    session = hash_key(settings_with(cookie=HashCookie("session", ttl=0)), Head(), None, rng=random.Random(1))
     assert session is not None and session.set_cookie is not None
     assert "Max-Age" not in session.set_cookie and "Path" not in session.set_cookie
-
-
-def test_routing_model_load_balancer_settings_are_accepted() -> None:
-    from waypoint.routing import model
-
-    assert type(make_balancer(model.LoadBalancer(simple=model.LbAlgorithm.ROUND_ROBIN))) is RoundRobinBalancer
-    assert type(make_balancer(model.DEFAULT_LOAD_BALANCER)) is LeastRequestBalancer
-    hashed = model.LoadBalancer(consistent_hash=model.ConsistentHash(header="x-user"))
-    assert type(make_balancer(hashed)) is RingHashBalancer
-    key = hash_key(hashed, Head(headers=FakeHeaders([("x-user", "jason")])), None)
-    assert key is not None and key == hash_key(settings_with(header="x-user"),
-                                               Head(headers=FakeHeaders([("x-user", "jason")])), None)
