@@ -66,7 +66,7 @@ from waypoint.telemetry import RequestRecord, Telemetry, ensure_trace
 from waypoint.upstream.endpoints import Endpoint, endpoints_for
 from waypoint.upstream.lb import hash_key, make_balancer
 from waypoint.upstream.outlier import OutlierDetector, usable_hosts
-from waypoint.upstream.retry import RetryBudget, RetryDecision, RetryState, effective_policy
+from waypoint.upstream.retry import RetryBudget, RetryDecision, RetryState
 
 log = logging.getLogger("waypoint.proxy")
 
@@ -421,7 +421,7 @@ class Proxy:
         if destination.authority:
             head.authority = destination.authority
 
-        retry_policy = effective_policy(route.retries)
+        retry_policy = route.retries  # the routing model's: Istio's default, or None when attempts is 0
         replay: BytesBody | None = None
         if retry_policy is not None or route.mirrors:
             replay, body = await _replayable(body, self.config.replay_buffer)

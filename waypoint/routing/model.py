@@ -44,6 +44,7 @@ DEFAULT_MIN_HEALTH_PERCENT = 0
 DEFAULT_RETRY_ATTEMPTS = 2
 DEFAULT_RETRY_ON = frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled",
                               "retriable-status-codes"})
+DEFAULT_RETRIABLE_STATUS_CODES = frozenset({503})  # with it, as Istio's DefaultPolicy
 #: The route Istio gives a waypoint's service that has no VirtualService/HTTPRoute: inbound default,
 #: 2 retries on reset-before-request (retry.go defaultInboundRetryOn), no timeout.
 DEFAULT_INBOUND_RETRY_ON = frozenset({"reset-before-request"})
@@ -384,7 +385,8 @@ class RetryPolicy:
 
 
 #: What a VirtualService route without `retries` gets (Istio's mesh default).
-DEFAULT_RETRY_POLICY = RetryPolicy(attempts=DEFAULT_RETRY_ATTEMPTS)
+DEFAULT_RETRY_POLICY = RetryPolicy(attempts=DEFAULT_RETRY_ATTEMPTS,
+                                   retriable_status_codes=DEFAULT_RETRIABLE_STATUS_CODES)
 #: What the route of a service with no VirtualService/HTTPRoute gets.
 DEFAULT_INBOUND_RETRY_POLICY = RetryPolicy(attempts=DEFAULT_RETRY_ATTEMPTS, retry_on=DEFAULT_INBOUND_RETRY_ON,
                                            ignore_previous_hosts=False)

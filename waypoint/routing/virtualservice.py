@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from waypoint.routing.match import compile_regex
 from waypoint.routing.model import (
+    DEFAULT_RETRIABLE_STATUS_CODES,
     DEFAULT_RETRY_ON,
     DEFAULT_RETRY_POLICY,
     NO_HEADER_OPS,
@@ -654,7 +655,7 @@ def _retries(raw: object, field: str) -> RetryPolicy | None:
 def parse_retry_on(raw: object, field: str) -> tuple[frozenset[str], frozenset[int]]:
     """`retryOn: "5xx,gateway-error,503"` → (named conditions, status codes). Empty → Istio's default."""
     if raw is None or raw == "":
-        return DEFAULT_RETRY_ON, frozenset()
+        return DEFAULT_RETRY_ON, DEFAULT_RETRIABLE_STATUS_CODES
     text = expect_str(raw, field)
     names: set[str] = set()
     codes: set[int] = set()

@@ -1,12 +1,12 @@
 """Retry decisions for one request (VirtualService `retries`), with Envoy's `retry_on` semantics.
 
 Istio's translation, which this follows:
-- A route with no `retries` gets Istio's default policy: 2 retries on
-  `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes` with retriable status 503
-  (`DEFAULT_RETRY_POLICY`). `attempts: 0` disables retries. `attempts` counts *retries*, so
+- The routing model (waypoint/routing) gives every route its policy: Istio's default when a route has no
+  `retries` (2 retries on `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`
+  with retriable status 503), None when `attempts: 0` disables them. `attempts` counts *retries*, so
   `attempts: 3` allows 4 tries in all.
 - In `retryOn`, numbers are status codes: "5xx,409" means 5xx or 409 (Istio moves them to Envoy's
-  `retriable_status_codes` and adds `retriable-status-codes`). Names must be Envoy retry policies.
+  `retriable_status_codes` and adds `retriable-status-codes`); the routing parser checks the names.
 
 What each policy retries (Envoy's router):
 - `5xx`: any 5xx, and any reset, connect failure or per-try timeout (no response at all).
@@ -27,97 +27,28 @@ exponential, uniform in [0, min(25 ms * 2^(n-1), 250 ms)) as Envoy's back-off st
 from __future__ import annotations
 
 import enum
+import functools
 import random
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Protocol
+
+from waypoint.routing.model import RetryPolicy
 
 # Envoy's defaults: 25 ms base interval, cap at 10 * base.
 DEFAULT_BASE_INTERVAL = 0.025
 MAX_INTERVAL_FACTOR = 10
 
-RetryOn = frozenset[str | int]
-
-HTTP_POLICIES = frozenset({
-    "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure", "envoy-ratelimited",
-    "retriable-4xx", "refused-stream", "retriable-status-codes", "retriable-headers",
-    "http3-post-connect-failure",
-})
 GRPC_POLICIES = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8, "internal": 13,
                  "unavailable": 14}
-KNOWN_POLICIES = HTTP_POLICIES | frozenset(GRPC_POLICIES)
 GATEWAY_ERRORS = frozenset({502, 503, 504})
 RETRIABLE_4XX = frozenset({409})
 RESET_POLICIES = frozenset({"5xx", "gateway-error", "reset"})
 
-DEFAULT_ATTEMPTS = 2
-DEFAULT_RETRY_ON: RetryOn = frozenset({
-    "connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes", 503})
 
-
-class RetryOnError(ValueError):
-    """A `retryOn` entry that is neither an Envoy retry policy nor an HTTP status code."""
-
-    reason = "invalid_retry_on"
-
-
-class RetryPolicyLike(Protocol):
-    """What we read from the routing model's retry policy. `retry_on` may be the raw `retryOn` text or
-    an already parsed set; empty/None means Istio's default conditions. `per_try_timeout` in seconds.
-    Also read if present: `retriable_status_codes` (codes kept apart from `retry_on`), `backoff` (base
-    interval, seconds) and `ignore_previous_hosts` (VirtualService `retryIgnorePreviousHosts`)."""
-
-    @property
-    def attempts(self) -> int: ...
-    @property
-    def per_try_timeout(self) -> float | None: ...
-    @property
-    def retry_on(self) -> str | Iterable[str | int] | None: ...
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """A concrete policy: Istio's default, or what `effective_policy` produced."""
-
-    attempts: int
-    per_try_timeout: float | None = None
-    retry_on: RetryOn = DEFAULT_RETRY_ON
-
-
-DEFAULT_RETRY_POLICY = RetryPolicy(attempts=DEFAULT_ATTEMPTS)
-
-
-def parse_retry_on(text: str) -> RetryOn:
-    """Istio's `retryOn` ("5xx,gateway-error,409") → its policies and status codes as one set; when codes
-    are present `retriable-status-codes` is included, as Istio adds it. Raises `RetryOnError` naming
-    the first bad entry."""
-    parsed: set[str | int] = set()
-    for raw in text.split(","):
-        part = raw.strip()
-        if not part:
-            continue
-        if part.isdigit():
-            code = int(part)
-            if not 100 <= code <= 599:
-                raise RetryOnError(f"retryOn entry {part!r} is not an HTTP status code (100-599)")
-            parsed.add(code)
-        elif part in KNOWN_POLICIES:
-            parsed.add(part)
-        else:
-            raise RetryOnError(f"retryOn entry {part!r} is not a retry policy; use one of "
-                               f"{', '.join(sorted(KNOWN_POLICIES))} or an HTTP status code")
-    if any(isinstance(entry, int) for entry in parsed):
-        parsed.add("retriable-status-codes")
-    return frozenset(parsed)
-
-
-def effective_policy(route_retries: RetryPolicyLike | None) -> RetryPolicyLike | None:
-    """The policy a route runs with: Istio's default when it sets none, None when `attempts` ≤ 0."""
-    if route_retries is None:
-        return DEFAULT_RETRY_POLICY
-    if route_retries.attempts <= 0:
-        return None
-    return route_retries
+@functools.lru_cache(maxsize=256)
+def _conditions(policy: RetryPolicy) -> tuple[frozenset[str], frozenset[int]]:
+    """A policy's named conditions and status codes, worked out once per policy rather than per request.
+    Listed codes always come with `retriable-status-codes` in Istio's translation."""
+    codes = policy.retriable_status_codes
+    return (policy.retry_on | {"retriable-status-codes"} if codes else policy.retry_on), codes
 
 
 class RetryBudget:
@@ -152,25 +83,13 @@ class RetryState:
     """The retry bookkeeping of one request. Call `decide` after every failed or retriable try; call
     `close` when the request is done (releases the budget slot of the last retry)."""
 
-    def __init__(self, policy: RetryPolicyLike, budget: RetryBudget | None = None) -> None:
+    def __init__(self, policy: RetryPolicy, budget: RetryBudget | None = None) -> None:
         self.attempts = max(0, policy.attempts)
         self.per_try_timeout = policy.per_try_timeout
-        retry_on = policy.retry_on
-        if not retry_on:
-            conditions = DEFAULT_RETRY_ON
-        elif isinstance(retry_on, str):
-            conditions = parse_retry_on(retry_on)
-        else:
-            conditions = frozenset(int(c) if isinstance(c, str) and c.isdigit() else c for c in retry_on)
-        self.status_codes = frozenset(c for c in conditions if isinstance(c, int)) | \
-            frozenset(getattr(policy, "retriable_status_codes", None) or ())
-        # Listed codes always come with `retriable-status-codes` in Istio's translation.
-        self.policies = frozenset(c for c in conditions if isinstance(c, str)) | \
-            (frozenset({"retriable-status-codes"}) if self.status_codes else frozenset())
+        self.policies, self.status_codes = _conditions(policy)
         # Whether a retry should avoid the endpoints already tried (Envoy's previous_hosts predicate).
-        self.prefer_other_hosts = bool(getattr(policy, "ignore_previous_hosts", True))
-        base = getattr(policy, "backoff", None)
-        self.base_interval = float(base) if base else DEFAULT_BASE_INTERVAL
+        self.prefer_other_hosts = policy.ignore_previous_hosts
+        self.base_interval = policy.backoff or DEFAULT_BASE_INTERVAL
         self._budget = budget
         self._holding = False
 

@@ -260,6 +260,19 @@ async def test_retries_hide_an_upstream_failing_two_tries_of_three(mesh: Mesh) -
     assert mesh.flaky.tries == 6 + 15 * 3, "each request took exactly three tries"
 
 
+async def test_a_virtualservice_route_gets_istios_default_retries_unless_attempts_is_0(mesh: Mesh) -> None:
+    """No `retries`: Istio's default, 2 retries on 503 among others, so the flaky app always answers 200.
+    `attempts: 0`: no retry at all, every 503 reaches the caller."""
+    mesh.configure(virtual_services=[virtual_service([{"route": [destination()]}])])
+    replies = [await mesh.get("/flaky") for _ in range(6)]
+    assert [r.status for r in replies] == [200] * 6
+    assert mesh.flaky.tries == 6 * 3
+    mesh.configure(virtual_services=[virtual_service([{"retries": {"attempts": 0}, "route": [destination()]}])])
+    replies = [await mesh.get("/flaky") for _ in range(6)]
+    assert sorted(r.status for r in replies) == [200, 200, 503, 503, 503, 503]
+    assert mesh.flaky.tries == 6 * 3 + 6
+
+
 # -- destination policies --------------------------------------------------------------------------------------
 async def test_circuit_breaker_overflow_is_503_uo(mesh: Mesh) -> None:
     pool = {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}}

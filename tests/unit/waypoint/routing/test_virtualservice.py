@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from waypoint.routing.model import (
+    DEFAULT_RETRIABLE_STATUS_CODES,
     DEFAULT_RETRY_ON,
     DEFAULT_RETRY_POLICY,
     DirectResponse,
@@ -295,7 +296,7 @@ def test_timeout_and_defaults() -> None:
 
 
 @pytest.mark.parametrize(("retries", "expected"), [
-    ({"attempts": 3, "perTryTimeout": "2s"}, RetryPolicy(3, 2.0, DEFAULT_RETRY_ON)),
+    ({"attempts": 3, "perTryTimeout": "2s"}, RetryPolicy(3, 2.0, DEFAULT_RETRY_ON, DEFAULT_RETRIABLE_STATUS_CODES)),
     ({"attempts": 3, "retryOn": "5xx,gateway-error"}, RetryPolicy(3, None, frozenset({"5xx", "gateway-error"}))),
     ({"attempts": 2, "retryOn": "503,reset"},
      RetryPolicy(2, None, frozenset({"reset", "retriable-status-codes"}), frozenset({503}))),
@@ -303,7 +304,8 @@ def test_timeout_and_defaults() -> None:
      RetryPolicy(1, None, frozenset({"retriable-4xx", "connect-failure", "refused-stream",
                                      "retriable-status-codes"}))),
     ({"attempts": 4, "backoff": "25ms", "retryIgnorePreviousHosts": False},
-     RetryPolicy(4, None, DEFAULT_RETRY_ON, backoff=0.025, ignore_previous_hosts=False)),
+     RetryPolicy(4, None, DEFAULT_RETRY_ON, DEFAULT_RETRIABLE_STATUS_CODES, backoff=0.025,
+                 ignore_previous_hosts=False)),
     ({"attempts": 0}, None),
 ])
 def test_retries(retries: dict[str, Any], expected: RetryPolicy | None) -> None:

@@ -3,56 +3,22 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 import pytest
 
-from waypoint.upstream.retry import (
-    DEFAULT_RETRY_POLICY,
-    RetryBudget,
-    RetryDecision,
-    RetryOnError,
-    RetryState,
-    backoff,
-    effective_policy,
-    parse_retry_on,
-)
+from waypoint.routing.model import DEFAULT_RETRY_POLICY, RetryPolicy
+from waypoint.routing.virtualservice import parse_retry_on
+from waypoint.upstream.retry import RetryBudget, RetryDecision, RetryState, backoff
 
 
-@dataclass(frozen=True)
-class Policy:
-    attempts: int = 3
-    per_try_timeout: float | None = None
-    retry_on: str | Iterable[str | int] | None = None
+def policy(retry_on: str | None = "5xx", attempts: int = 3, **more: object) -> RetryPolicy:
+    """What the VirtualService parser makes of `retries: {attempts, retryOn}` (None: retryOn unset)."""
+    names, codes = parse_retry_on(retry_on, "retryOn")
+    return RetryPolicy(attempts, retry_on=names, retriable_status_codes=codes, **more)  # type: ignore[arg-type]
 
 
 def state(retry_on: str | None, attempts: int = 3) -> RetryState:
-    return RetryState(Policy(attempts=attempts, retry_on=retry_on))
-
-
-# --- parsing ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("text", "parsed"), [
-    ("5xx", {"5xx"}),
-    ("gateway-error, connect-failure ,refused-stream", {"gateway-error", "connect-failure", "refused-stream"}),
-    ("5xx,409", {"5xx", 409, "retriable-status-codes"}),
-    ("503", {503, "retriable-status-codes"}),
-    ("retriable-status-codes", {"retriable-status-codes"}),
-    ("unavailable,cancelled,deadline-exceeded,internal,resource-exhausted",
-     {"unavailable", "cancelled", "deadline-exceeded", "internal", "resource-exhausted"}),
-    ("", set()),
-    (",,", set()),
-])
-def test_parse_retry_on(text: str, parsed: set[str | int]) -> None:
-    assert parse_retry_on(text) == frozenset(parsed)
-
-
-@pytest.mark.parametrize(("text", "bad"), [("5xx,bogus", "'bogus'"), ("700", "'700'"), ("5XX", "'5XX'")])
-def test_parse_retry_on_names_the_bad_entry(text: str, bad: str) -> None:
-    with pytest.raises(RetryOnError, match=bad) as raised:
-        parse_retry_on(text)
-    assert raised.value.reason == "invalid_retry_on"
+    return RetryState(policy(retry_on, attempts))
 
 
 # --- what each policy retries ------------------------------------------------------------------------------
@@ -123,13 +89,6 @@ def test_reset_before_request_only_when_nothing_was_sent() -> None:
     assert not retry.should_retry(503, False, False, 1)
 
 
-def test_retry_on_may_come_parsed_from_the_model() -> None:
-    parsed = RetryState(Policy(retry_on=frozenset({"gateway-error", "409", "retriable-status-codes"})))
-    assert parsed.should_retry(409, False, False, 1)
-    assert parsed.should_retry(502, False, False, 1)
-    assert not parsed.should_retry(500, False, False, 1)
-
-
 # --- attempts, budget, Istio's default policy ---------------------------------------------------------------
 
 def test_attempts_count_retries_then_the_limit_is_reported() -> None:
@@ -141,8 +100,8 @@ def test_attempts_count_retries_then_the_limit_is_reported() -> None:
 
 def test_budget_caps_concurrent_retries_per_cluster() -> None:
     budget = RetryBudget(max_active=1)
-    first = RetryState(Policy(retry_on="5xx"), budget)
-    second = RetryState(Policy(retry_on="5xx"), budget)
+    first = RetryState(policy("5xx"), budget)
+    second = RetryState(policy("5xx"), budget)
     assert first.decide(503) is RetryDecision.RETRY
     assert second.decide(503) is RetryDecision.OVERFLOW
     assert budget.overflows == 1
@@ -155,20 +114,18 @@ def test_budget_caps_concurrent_retries_per_cluster() -> None:
 
 def test_unlimited_budget_by_default() -> None:
     budget = RetryBudget()
-    states = [RetryState(Policy(retry_on="5xx"), budget) for _ in range(1000)]
+    states = [RetryState(policy("5xx"), budget) for _ in range(1000)]
     assert all(s.decide(503) is RetryDecision.RETRY for s in states)
     assert budget.active == 1000
 
 
-def test_effective_policy_is_istios() -> None:
-    assert effective_policy(None) is DEFAULT_RETRY_POLICY
+def test_istios_default_policy() -> None:
+    """A route without `retries` gets it: 2 retries on connect-failure, refused-stream, unavailable, cancelled
+    and 503 (Istio's DefaultPolicy), the same as `retries` with attempts and no retryOn."""
     assert DEFAULT_RETRY_POLICY.attempts == 2
-    assert DEFAULT_RETRY_POLICY.retry_on == parse_retry_on(
-        "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes,503")
-    assert effective_policy(Policy(attempts=0)) is None
-    given = Policy(attempts=3, per_try_timeout=2.0, retry_on="gateway-error")
-    assert effective_policy(given) is given
-    assert RetryState(given).per_try_timeout == 2.0
+    assert policy(None, attempts=2) == DEFAULT_RETRY_POLICY
+    assert policy(None).retriable_status_codes == frozenset({503})
+    assert RetryState(policy("5xx", per_try_timeout=2.0)).per_try_timeout == 2.0
 
 
 # --- back-off -----------------------------------------------------------------------------------------------
@@ -182,35 +139,18 @@ def test_backoff_is_fully_jittered_exponential_with_envoys_defaults(attempt: int
 
 
 def test_policy_backoff_base_interval() -> None:
-    @dataclass(frozen=True)
-    class WithBackoff(Policy):
-        backoff: float = 0.1
-
-    retry = RetryState(WithBackoff(retry_on="5xx"))
+    retry = RetryState(policy("5xx", backoff=0.1))
     samples = [retry.backoff(1, random.Random(i)) for i in range(500)]
     assert max(samples) < 0.1 and max(samples) > 0.09
 
 
-def test_model_shaped_policy_with_codes_apart_and_previous_hosts_flag() -> None:
-    @dataclass(frozen=True)
-    class ModelPolicy:
-        attempts: int
-        per_try_timeout: float | None
-        retry_on: frozenset[str]
-        retriable_status_codes: frozenset[int]
-        ignore_previous_hosts: bool
-
-    retry = RetryState(ModelPolicy(2, None, frozenset({"retriable-status-codes"}), frozenset({503}), False))
+def test_codes_apart_and_the_previous_hosts_flag() -> None:
+    retry = RetryState(RetryPolicy(2, None, frozenset({"retriable-status-codes"}), frozenset({503}),
+                                   ignore_previous_hosts=False))
     assert retry.should_retry(503, False, False, 1)
     assert not retry.should_retry(500, False, False, 1)
     assert not retry.prefer_other_hosts
     assert state("5xx").prefer_other_hosts
-
-
-def test_routing_model_policies_are_accepted() -> None:
-    from waypoint.routing import model
-
-    retry = RetryState(model.RetryPolicy(attempts=3, retry_on=frozenset({"gateway-error"}),
-                                         retriable_status_codes=frozenset({409})))
-    assert retry.should_retry(409, False, False, 3) and retry.should_retry(502, False, False, 1)
-    assert retry.decide(502, attempt=4) is RetryDecision.LIMIT_EXCEEDED
+    # Codes alone (an HTTPRoute's `retry.codes`) imply `retriable-status-codes`.
+    assert RetryState(RetryPolicy(3, retry_on=frozenset({"gateway-error"}),
+                                  retriable_status_codes=frozenset({409}))).should_retry(409, False, False, 3)
